@@ -1,0 +1,348 @@
+"""The CAME optimizer class: validation, param groups, state, dispatch."""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._impl.common import compute_dtype
+from .functional import came, init_state
+
+__all__ = ["CAME"]
+
+_DROPPED_STATE_KEYS = ("RMS",)  # stored (unused) by the authors' package
+
+
+def _check_real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN, got {value!r}")
+    return value
+
+
+def _check_tuple(name: str, value: Any, length: int) -> tuple[float, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a tuple of {length} numbers, got {value!r}")
+    items = tuple(value)
+    if len(items) != length:
+        raise ValueError(f"{name} must have {length} entries, got {len(items)}: {value!r}")
+    return tuple(_check_real(f"{name}[{i}]", v) for i, v in enumerate(items))
+
+
+def _check_lr(lr: Any) -> float | Tensor:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or lr.dim() != 0:
+            raise ValueError(f"lr as a Tensor must be 0-d, got shape {tuple(lr.shape)}")
+        if not lr.is_floating_point():
+            raise TypeError(f"lr as a Tensor must be floating point, got {lr.dtype}")
+        value = float(lr.detach().cpu())
+        if math.isnan(value) or value < 0.0:
+            raise ValueError(f"Invalid lr: {value} (must be >= 0)")
+        return lr
+    if lr is None:
+        raise TypeError("lr must be a float or a 0-d tensor, got None")
+    value = _check_real("lr", lr)
+    if value < 0.0 or math.isinf(value):
+        raise ValueError(f"Invalid lr: {lr!r} (must be finite and >= 0)")
+    return value
+
+
+def _validate_hyperparameters(group: dict[str, Any]) -> None:
+    """Check (and normalize, in place) the hyperparameters of one param group."""
+    group["lr"] = _check_lr(group["lr"])
+    betas = _check_tuple("betas", group["betas"], 3)
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid betas[{i}]: {beta!r} (must be in [0, 1)); betas={betas}")
+    group["betas"] = betas
+    eps = _check_tuple("eps", group["eps"], 2)
+    for i, e in enumerate(eps):
+        if e < 0.0 or math.isinf(e):
+            raise ValueError(f"Invalid eps[{i}]: {e!r} (must be finite and >= 0); eps={eps}")
+    group["eps"] = eps
+    clip = _check_real("clip_threshold", group["clip_threshold"])
+    if clip <= 0.0:
+        raise ValueError(f"Invalid clip_threshold: {clip!r} (must be > 0)")
+    group["clip_threshold"] = clip
+    wd = _check_real("weight_decay", group["weight_decay"])
+    if wd < 0.0 or math.isinf(wd):
+        raise ValueError(f"Invalid weight_decay: {wd!r} (must be finite and >= 0)")
+    group["weight_decay"] = wd
+    for flag in ("maximize", "skip_nonfinite"):
+        if not isinstance(group[flag], bool):
+            raise TypeError(f"{flag} must be a bool, got {group[flag]!r}")
+    for flag in ("foreach", "fused"):
+        if group[flag] is not None and not isinstance(group[flag], bool):
+            raise TypeError(f"{flag} must be None or a bool, got {group[flag]!r}")
+    if group["foreach"] and group["fused"]:
+        raise ValueError("foreach=True and fused=True are exclusive; set at most one of them")
+
+
+class CAME(Optimizer):
+    r"""CAME: Confidence-guided Adaptive Memory Efficient optimization (Luo et al., ACL 2023).
+
+    .. math::
+
+        \begin{aligned}
+        &G_t = g_t^2 + \epsilon_1 \\
+        &r_t = \beta_2 r_{t-1} + (1-\beta_2)\,\mathrm{mean}_{-1}(G_t), \quad
+         c_t = \beta_2 c_{t-1} + (1-\beta_2)\,\mathrm{mean}_{-2}(G_t) \\
+        &\hat v_t = (r_t / \mathrm{mean}(r_t)) \otimes c_t, \quad u_t = g_t / \sqrt{\hat v_t} \\
+        &\hat u_t = u_t / \max(1, \mathrm{RMS}(u_t) / d) \\
+        &m_t = \beta_1 m_{t-1} + (1-\beta_1)\,\hat u_t \\
+        &U_t = (\hat u_t - m_t)^2 + \epsilon_2 \\
+        &R_t = \beta_3 R_{t-1} + (1-\beta_3)\,\mathrm{mean}_{-1}(U_t), \quad
+         C_t = \beta_3 C_{t-1} + (1-\beta_3)\,\mathrm{mean}_{-2}(U_t) \\
+        &\hat S_t = (R_t / \mathrm{mean}(R_t)) \otimes C_t \\
+        &\theta_t = \theta_{t-1} - \eta\lambda\,\theta_{t-1} - \eta\, m_t / \sqrt{\hat S_t}
+        \end{aligned}
+
+    Tensors with two or more dimensions are factored over their last two dimensions (leading
+    dimensions are batch dimensions). Scalars and vectors keep a full second moment
+    :math:`v_t` and take :math:`\Delta = m_t` (no confidence scaling). There is no bias
+    correction and every statistic starts at zero, exactly as in the paper's code.
+
+    The positional arguments are those of the authors' ``came_pytorch.CAME``, so replacing
+    ``from came_pytorch import CAME`` with ``from torchcame import CAME`` changes nothing in a
+    training script, and checkpoints of that package load here. Differences from it:
+    validation with clear errors, ``torch.no_grad`` steps, zero-size tensors stay finite,
+    ``maximize``, ``skip_nonfinite``, the fast implementations, and no unused ``RMS`` state.
+
+    Args:
+        params: parameters or dicts defining parameter groups.
+        lr: learning rate :math:`\eta`, a float or a 0-d tensor (default: 2e-4).
+        eps: :math:`(\epsilon_1, \epsilon_2)` added to the squared gradient and to the
+            instability (default: (1e-30, 1e-16)).
+        clip_threshold: :math:`d`, the RMS above which the update is scaled down (default: 1.0).
+        betas: :math:`(\beta_1, \beta_2, \beta_3)` for the momentum, the second moment and the
+            instability (default: (0.9, 0.999, 0.9999)).
+        weight_decay: decoupled weight decay :math:`\lambda`, multiplied by lr (default: 0).
+        maximize: maximize the objective instead of minimizing it (default: False).
+        foreach: use the multi-tensor implementation; ``None`` picks the fastest available.
+        fused: use the fused implementation; ``None`` picks the fastest available.
+        skip_nonfinite: if True, a param group whose gradients contain inf or NaN is not
+            stepped at all (params and state untouched) and ``group["skipped_steps"]`` counts
+            it; without it one bad gradient poisons the statistics for good (default: False).
+            Costs one device-to-host sync per group and step.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 2e-4,
+        eps: tuple[float, float] = (1e-30, 1e-16),
+        clip_threshold: float = 1.0,
+        betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        skip_nonfinite: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            eps=eps,
+            clip_threshold=clip_threshold,
+            betas=betas,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            skip_nonfinite=skip_nonfinite,
+        )
+        _validate_hyperparameters(dict(defaults))  # fail before any group is built
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group; its hyperparameters and parameters are validated first."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for p in params:
+            if isinstance(p, Tensor) and p.is_complex():
+                raise TypeError(
+                    f"CAME does not support complex parameters (got one of dtype {p.dtype} "
+                    f"and shape {tuple(p.shape)}); optimize torch.view_as_real(param) instead"
+                )
+            if isinstance(p, Tensor) and not p.is_floating_point():
+                raise TypeError(f"CAME can only optimize floating-point tensors, got {p.dtype}")
+        merged = {**self.defaults, **param_group}
+        merged.pop("params")
+        _validate_hyperparameters(merged)
+        param_group = {**param_group, **merged, "params": params}
+        param_group.setdefault("skipped_steps", 0)
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in (("maximize", False), ("foreach", None), ("fused", None),
+                               ("skip_nonfinite", False), ("skipped_steps", 0)):
+                group.setdefault(key, value)
+
+    # ----------------------------------------------------------------------------------- step
+
+    def _gather(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        params, grads = [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            grad = p.grad
+            if grad.is_sparse:
+                raise TypeError(
+                    "CAME does not support sparse gradients (got one for a parameter of shape "
+                    f"{tuple(p.shape)}); use a dense embedding (sparse=False) or "
+                    "torch.optim.SparseAdam for that parameter"
+                )
+            if grad.is_complex():
+                raise TypeError(
+                    f"CAME does not support complex gradients (dtype {grad.dtype}); optimize "
+                    "torch.view_as_real(param) instead"
+                )
+            if grad.shape != p.shape:
+                raise ValueError(
+                    f"gradient shape {tuple(grad.shape)} does not match parameter shape "
+                    f"{tuple(p.shape)}"
+                )
+            params.append(p)
+            grads.append(grad)
+        return params, grads
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss; it
+                runs with gradients enabled.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        # Validate every group's gradients before changing any state.
+        gathered = [self._gather(group) for group in self.param_groups]
+
+        for group, (params, grads) in zip(self.param_groups, gathered):
+            if not params:
+                continue
+            if group["skip_nonfinite"] and not _all_finite(grads):
+                group["skipped_steps"] += 1
+                continue
+            states = []
+            for p in params:
+                state = self.state[p]
+                if len(state) == 0:
+                    state.update(init_state(p))
+                states.append(state)
+            came(
+                params,
+                grads,
+                states,
+                lr=group["lr"],
+                betas=group["betas"],
+                eps=group["eps"],
+                clip_threshold=group["clip_threshold"],
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+                foreach=group["foreach"],
+                fused=group["fused"],
+            )
+        return loss
+
+    # ----------------------------------------------------------------------------- state dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this class or of the authors' ``came_pytorch.CAME``.
+
+        The whole dict is checked against the current parameters first (group sizes, state
+        keys, shapes); on any mismatch a ``ValueError`` is raised and nothing is loaded. The
+        unused ``RMS`` entry of the authors' package is dropped, an integer ``step`` becomes a
+        tensor, and statistics keep the float32 compute dtype of bf16/fp16 parameters.
+        """
+        state_dict = copy.deepcopy(state_dict)
+        groups = self.param_groups
+        saved_groups = state_dict.get("param_groups")
+        saved_state = state_dict.get("state")
+        if saved_groups is None or saved_state is None:
+            raise ValueError("state_dict must have 'state' and 'param_groups' entries")
+        if len(groups) != len(saved_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer "
+                f"has {len(groups)}"
+            )
+        id_to_param: dict[Any, Tensor] = {}
+        for group, saved in zip(groups, saved_groups):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"a loaded parameter group has {len(saved['params'])} parameters, the "
+                    f"optimizer's has {len(group['params'])}"
+                )
+            id_to_param.update(zip(saved["params"], group["params"]))
+        converted: dict[Any, dict[str, Tensor]] = {}
+        for pid, entry in saved_state.items():
+            if pid not in id_to_param:
+                raise ValueError(f"state dict has state for unknown parameter id {pid!r}")
+            converted[pid] = _convert_param_state(id_to_param[pid], entry, pid)
+        for saved in saved_groups:
+            for key, value in (("maximize", False), ("foreach", None), ("fused", None),
+                               ("skip_nonfinite", False), ("skipped_steps", 0)):
+                saved.setdefault(key, value)
+            hyper = {k: v for k, v in saved.items() if k != "params"}
+            _validate_hyperparameters(hyper)
+        state_dict["state"] = {}
+        super().load_state_dict(state_dict)
+        for pid, entry in converted.items():
+            self.state[id_to_param[pid]] = entry
+
+
+def _convert_param_state(param: Tensor, entry: dict[str, Any], pid: Any) -> dict[str, Tensor]:
+    """Check one parameter's saved state against ``param`` and convert it to our layout."""
+    entry = {k: v for k, v in entry.items() if k not in _DROPPED_STATE_KEYS}
+    if not entry:
+        return {}
+    expected = init_state(param.detach().to("meta"))
+    missing = set(expected) - set(entry)
+    unknown = set(entry) - set(expected)
+    if missing or unknown:
+        raise ValueError(
+            f"state of parameter {pid!r} (shape {tuple(param.shape)}) does not match CAME's: "
+            f"missing {sorted(missing)}, unexpected {sorted(unknown)}"
+        )
+    out: dict[str, Tensor] = {}
+    for key, ref in expected.items():
+        value = entry[key]
+        if key == "step":
+            step = float(value.item() if isinstance(value, Tensor) else value)
+            out[key] = torch.tensor(step, dtype=torch.float32)
+            continue
+        if not isinstance(value, Tensor):
+            raise ValueError(f"state {key!r} of parameter {pid!r} is not a tensor: {value!r}")
+        if value.shape != ref.shape:
+            raise ValueError(
+                f"state {key!r} of parameter {pid!r} has shape {tuple(value.shape)}, expected "
+                f"{tuple(ref.shape)} for a parameter of shape {tuple(param.shape)}"
+            )
+        out[key] = value.to(device=param.device, dtype=compute_dtype(param.dtype))
+    return out
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """True when every element of every tensor is finite (one host sync)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.numel() > 0]
+    if not flags:
+        return True
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
