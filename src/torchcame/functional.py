@@ -109,8 +109,24 @@ def came(
         maximize=maximize,
     )
     impl = _resolve_impl(params, foreach, fused)
+    params, grads, states = list(params), list(grads), list(states)
     with torch.no_grad():
-        if impl == "reference":
-            step_single_tensor(list(params), list(grads), list(states), args)
+        if _has_dtensor(params):
+            from .distributed import step_dtensor
+
+            step_dtensor(params, grads, states, args, impl)
+        elif impl == "reference":
+            step_single_tensor(params, grads, states, args)
+        elif impl == "foreach":
+            from ._impl.foreach import step_multi_tensor
+
+            step_multi_tensor(params, grads, states, args)
         else:
-            raise NotImplementedError(f"the {impl} implementation is not available yet")
+            from ._impl.fused import step_fused
+
+            step_fused(params, grads, states, args)
+
+
+def _has_dtensor(tensors: Sequence[Tensor]) -> bool:
+    """Whether any tensor is a ``torch.distributed.tensor.DTensor`` (FSDP2, TP)."""
+    return any(type(t).__name__ == "DTensor" for t in tensors)
