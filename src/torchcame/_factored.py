@@ -31,6 +31,9 @@ __all__ = [
     "ema_",
     "approx_rsqrt",
     "rms",
+    "ema_foreach_",
+    "approx_rsqrt_into",
+    "factor_rsqrt",
 ]
 
 
@@ -76,3 +79,26 @@ def approx_rsqrt(row: Tensor, col: Tensor) -> Tensor:
 def rms(tensor: Tensor) -> Tensor:
     """Root mean square over the whole tensor, ``||x||_2 / sqrt(numel)`` (0-d tensor)."""
     return tensor.norm(2) / math.sqrt(tensor.numel())
+
+
+def ema_foreach_(averages: list[Tensor], values: list[Tensor], beta: float) -> None:
+    """:func:`ema_` for lists of tensors, as two ``torch._foreach`` calls."""
+    torch._foreach_mul_(averages, beta)
+    torch._foreach_add_(averages, values, alpha=1.0 - beta)
+
+
+def approx_rsqrt_into(row: Tensor, col: Tensor, out: Tensor) -> Tensor:
+    """:func:`approx_rsqrt` written into ``out`` (shape ``(..., n, m)``), no full-size temporary."""
+    row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+    col_factor = col.unsqueeze(-2).rsqrt()
+    return torch.mul(row_factor, col_factor, out=out)
+
+
+def factor_rsqrt(row: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
+    """The two factors of :func:`approx_rsqrt`: ``rsqrt(row / mean(row))`` and ``rsqrt(col)``.
+
+    ``approx_rsqrt(row, col) == row_factor[..., :, None] * col_factor[..., None, :]``; fused
+    kernels take the factors and form the product per element instead of storing it.
+    """
+    row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_()
+    return row_factor, col.rsqrt()
