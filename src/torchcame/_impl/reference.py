@@ -6,7 +6,6 @@ package bit for bit; the fast paths are tested against it.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .._factored import approx_rsqrt, ema_, rms
