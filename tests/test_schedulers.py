@@ -1,0 +1,203 @@
+"""LR schedulers drive CAME on every implementation, with a float or a tensor lr.
+
+Each case runs 12 scheduled steps on a small parameter set (matrix, batch of matrices,
+vector) and compares the parameters with a hand-written loop on the reference path that sets
+``group["lr"]`` (and, for OneCycleLR, β1) to the schedule's values as floats. Tolerance
+(float32 params): ``rtol=1e-5, atol=1e-6`` — the implementations agree to a few ulps per step,
+a float vs a tensor lr differs only in how ``lr * weight_decay`` is rounded.
+
+A path is skipped only when its module does not exist yet. The fused path must not compile
+anything per step: the number of graphs Dynamo compiled may not grow after the first step.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from torchcame import CAME
+
+SHAPES = [(6, 8), (2, 3, 5), (7,)]
+STEPS = 12
+BASE_LR = 1e-2
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _impl_available(module: str) -> bool:
+    return importlib.util.find_spec(f"torchcame._impl.{module}") is not None
+
+
+def _fused_ready() -> bool:
+    if not _impl_available("fused"):
+        return False
+    try:  # the CPU kernel compiles just in time; without a compiler fused falls back
+        from torchcame._impl import fused  # noqa: F401
+    except Exception:  # pragma: no cover - an in-progress module that does not import
+        return False
+    return True
+
+
+IMPLS = [
+    pytest.param({"foreach": False, "fused": False}, id="reference"),
+    pytest.param(
+        {"foreach": True},
+        id="foreach",
+        marks=pytest.mark.skipif(not _impl_available("foreach"), reason="no foreach path yet"),
+    ),
+    pytest.param(
+        {"fused": True},
+        id="fused",
+        marks=pytest.mark.skipif(not _fused_ready(), reason="no fused path yet"),
+    ),
+]
+
+
+def _hf_cosine(opt, total):
+    transformers = pytest.importorskip("transformers")
+    return transformers.get_cosine_schedule_with_warmup(
+        opt, num_warmup_steps=3, num_training_steps=total
+    )
+
+
+SCHEDULERS = {
+    "lambda": lambda opt, total: torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 4) * 0.9**s
+    ),
+    "cosine": lambda opt, total: torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, T_max=total, eta_min=1e-4
+    ),
+    "onecycle": lambda opt, total: torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=BASE_LR, total_steps=total
+    ),
+    "onecycle_fixed_beta1": lambda opt, total: torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=BASE_LR, total_steps=total, cycle_momentum=False
+    ),
+    "hf_cosine_warmup": _hf_cosine,
+}
+
+
+def _params() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=gen).requires_grad_() for s in SHAPES]
+
+
+def _grads(step: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(s, generator=gen) for s in SHAPES]
+
+
+def _dynamo_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["stats"].values()) + sum(counters["frames"].values())
+
+
+def _run_scheduled(name: str, lr: float | torch.Tensor, impl: dict):
+    """Returns (final params, [(lr, betas) used at each step], [dynamo counts per step])."""
+    params = _params()
+    opt = CAME(params, lr=lr, weight_decay=0.1, **impl)
+    sched = SCHEDULERS[name](opt, STEPS)
+    used, graphs = [], []
+    for step in range(STEPS):
+        group = opt.param_groups[0]
+        used.append((float(group["lr"]), tuple(group["betas"])))
+        for p, g in zip(params, _grads(step)):
+            p.grad = g
+        opt.step()
+        sched.step()
+        graphs.append(_dynamo_graphs())
+    return params, used, graphs, opt
+
+
+def _run_manual(used) -> list[torch.Tensor]:
+    params = _params()
+    opt = CAME(params, lr=BASE_LR, weight_decay=0.1, foreach=False, fused=False)
+    for step, (lr, betas) in enumerate(used):
+        opt.param_groups[0]["lr"] = lr
+        opt.param_groups[0]["betas"] = betas
+        for p, g in zip(params, _grads(step)):
+            p.grad = g
+        opt.step()
+    return params
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_scheduler_drives_came(name: str, lr_kind: str, impl: dict) -> None:
+    lr = BASE_LR if lr_kind == "float" else torch.tensor(BASE_LR)
+    params, used, graphs, opt = _run_scheduled(name, lr, impl)
+
+    group = opt.param_groups[0]
+    if lr_kind == "tensor":  # schedulers fill the tensor in place, never replace it
+        assert group["lr"] is lr
+    assert len(group["betas"]) == 3
+    lrs = [u[0] for u in used]
+    assert len(set(lrs)) > 3, "the schedule should actually change lr"
+    if name == "onecycle":
+        # OneCycleLR cycles betas[0] (0.95 -> 0.85 -> 0.95) and keeps beta2, beta3
+        beta1s = [u[1][0] for u in used]
+        assert min(beta1s) < 0.9 < max(beta1s)
+        assert all(u[1][1:] == (0.999, 0.9999) for u in used)
+    else:
+        assert all(u[1] == (0.9, 0.999, 0.9999) for u in used)
+
+    expected = _run_manual(used)
+    for got, want in zip(params, expected):
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+
+    if impl.get("fused"):  # no compilation per step: whatever was compiled, was at step 1
+        assert graphs[1:] == [graphs[0]] * (STEPS - 1), f"dynamo counters grew: {graphs}"
+
+
+def test_hf_cosine_schedule_values() -> None:
+    """transformers' warmup+cosine schedule sets exactly its documented lr on CAME."""
+    transformers = pytest.importorskip("transformers")
+    opt = CAME([torch.zeros(2, 2, requires_grad=True)], lr=torch.tensor(1e-3))
+    sched = transformers.get_cosine_schedule_with_warmup(opt, 2, 10)
+    seen = []
+    for _ in range(10):
+        seen.append(float(opt.param_groups[0]["lr"]))
+        opt.step()
+        sched.step()
+    expected = [1e-3 * s / 2 if s < 2 else 1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 8))
+                for s in range(10)]
+    assert seen == pytest.approx(expected, rel=1e-6)
+
+
+def test_scheduler_state_dict_round_trip() -> None:
+    """Optimizer and scheduler checkpoints resume a scheduled run exactly."""
+    def make():
+        params = _params()
+        opt = CAME(params, lr=torch.tensor(BASE_LR), weight_decay=0.1)
+        return params, opt, SCHEDULERS["onecycle"](opt, STEPS)
+
+    def run(params, opt, sched, steps):
+        for step in steps:
+            for p, g in zip(params, _grads(step)):
+                p.grad = g
+            opt.step()
+            sched.step()
+
+    params, opt, sched = make()
+    run(params, opt, sched, range(STEPS))
+
+    half_params, half_opt, half_sched = make()
+    run(half_params, half_opt, half_sched, range(STEPS // 2))
+    saved = (
+        [p.detach().clone() for p in half_params],
+        half_opt.state_dict(),
+        half_sched.state_dict(),
+    )
+    new_params, new_opt, new_sched = make()
+    with torch.no_grad():
+        for p, s in zip(new_params, saved[0]):
+            p.copy_(s)
+    new_opt.load_state_dict(saved[1])
+    new_sched.load_state_dict(saved[2])
+    run(new_params, new_opt, new_sched, range(STEPS // 2, STEPS))
+    for got, want in zip(new_params, params):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
