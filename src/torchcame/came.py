@@ -228,6 +228,8 @@ class CAME(Optimizer):
         Returns:
             The closure's loss, or None.
         """
+        if not self.state and _first_step_checks(self):
+            return None  # DCP's state-init call: zero state allocated, nothing stepped
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -262,6 +264,21 @@ class CAME(Optimizer):
                 fused=group["fused"],
             )
         return loss
+
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Allocate the zero state of every trainable parameter now, without stepping.
+
+        State is otherwise created lazily at a parameter's first step. Call this before
+        ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` /
+        ``set_optimizer_state_dict`` (or ``dcp.load``) on a fresh optimizer, so the state dict
+        lists every parameter's tensors (DTensors for FSDP2 parameters). Parameters that
+        already have state, and those with ``requires_grad=False``, are left alone.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and not self.state.get(p):
+                    self.state[p] = init_state(p)
 
     # ----------------------------------------------------------------------------- state dict
 
@@ -314,7 +331,11 @@ def _convert_param_state(param: Tensor, entry: dict[str, Any], pid: Any) -> dict
     entry = {k: v for k, v in entry.items() if k not in _DROPPED_STATE_KEYS}
     if not entry:
         return {}
-    expected = init_state(param.detach().to("meta"))
+    is_dtensor = type(param).__name__ == "DTensor"
+    if is_dtensor:  # state is checked against the global shape, then laid out like param
+        expected = init_state(torch.empty(param.shape, dtype=param.dtype, device="meta"))
+    else:
+        expected = init_state(param.detach().to("meta"))
     missing = set(expected) - set(entry)
     unknown = set(entry) - set(expected)
     if missing or unknown:
@@ -336,8 +357,31 @@ def _convert_param_state(param: Tensor, entry: dict[str, Any], pid: Any) -> dict
                 f"state {key!r} of parameter {pid!r} has shape {tuple(value.shape)}, expected "
                 f"{tuple(ref.shape)} for a parameter of shape {tuple(param.shape)}"
             )
+        if is_dtensor:
+            from .distributed import to_param_layout
+
+            out[key] = to_param_layout(param, key, value)
+            continue
         out[key] = value.to(device=param.device, dtype=compute_dtype(param.dtype))
     return out
+
+
+def _first_step_checks(optimizer: CAME) -> bool:
+    """Run before the first step; True when the call must not step at all.
+
+    Raises for DeepSpeed ZeRO flat partitions (CAME would silently factor nothing). DCP's
+    state_dict helpers build lazy state with a zero-gradient, lr=0 step, which for CAME would
+    count a step and move the statistics: that call only allocates the zero state.
+    """
+    if not torch.distributed.is_available():
+        return False
+    from .distributed import called_from_dcp_state_init, check_not_flat_partitions
+
+    check_not_flat_partitions(optimizer.param_groups)
+    if called_from_dcp_state_init():
+        optimizer.init_state()
+        return True
+    return False
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:

@@ -37,7 +37,13 @@ def init_state(param: Tensor) -> dict[str, Tensor]:
     ``exp_avg_sq_col`` (r, c) and ``exp_avg_res_row``/``exp_avg_res_col`` (R, C); vectors and
     scalars get ``exp_avg`` and a full ``exp_avg_sq`` (v). ``step`` is a float32 0-d CPU tensor.
     Statistics are float32 for float16/bfloat16 parameters, else the parameter's dtype.
+    For a DTensor parameter (FSDP2) every statistic is a DTensor laid out for its sharding
+    (see :func:`torchcame.distributed.init_state_dtensor`).
     """
+    if _has_dtensor([param]):
+        from .distributed import init_state_dtensor
+
+        return init_state_dtensor(param)
     dtype = compute_dtype(param.dtype)
     shape = param.shape
 

@@ -1,0 +1,546 @@
+"""CAME on DTensor parameters (FSDP2 ``fully_shard``, HSDP): exact at any world size.
+
+FSDP2 hands the optimizer parameters and gradients as DTensors sharded on dim 0. CAME's
+factored statistics are not elementwise: the column mean of ``G``, the mean of the row
+statistic ``r`` and ``RMS(u)`` (and the same for the instability ``U``) span the whole tensor.
+Factoring each shard on its own, as the one other distributed CAME does, changes the update
+with the world size. This module computes the update of a single process holding the full
+tensors: everything local is done on ``to_local()`` shards, and the few cross-shard sums of all
+parameters of a param group are packed into one flat buffer per phase, so a step costs **two
+all-reduces per param group**, whatever the number of parameters.
+
+Which sums a parameter of shape ``(..., n, m)`` needs depends on the dimension it is sharded on
+(``k = ndim``); everything else is exact on the local shard:
+
+=====================  ============================  ==========================================
+sharded dim            phase 1 (sums of partials)    phase 2
+=====================  ============================  ==========================================
+``k-2`` (rows, FSDP2   ``sum_rows G`` (m),           ``sum_rows U`` (m), ``sum R`` (1)
+on a matrix)           ``sum r`` (1), ``sum_rows
+                       g²/r`` (m)
+``k-1`` (columns)      ``sum_cols G`` (n),           ``sum_cols U`` (n)
+                       ``sum_cols g²/c`` (n)
+``< k-2`` (a batch     ``sum u²`` (1)                nothing
+dim of a 3-D/4-D
+tensor)
+vector, ``Shard(0)``   ``sum u²`` (1)                nothing
+``Replicate()``        nothing                       nothing
+=====================  ============================  ==========================================
+
+The dependency chain is r, c -> v̂ (needs mean(r)) -> u -> RMS(u) -> û -> m -> U -> R, C -> Ŝ
+(needs mean(R)). Two phases suffice because ``RMS(u)`` does not need ``u`` itself:
+``sum u² = sum_b mean(r)_b · sum_j (sum_i g²_ij / r_i) / c_j`` for a row-sharded tensor (the
+inner sum is a column vector that travels with phase 1) and symmetrically for a column-sharded
+one. After phase 1 every rank knows c (or r), mean(r) and RMS(u); after phase 2, C (or R) and
+mean(R).
+
+Supported layouts: DTensors whose placements are ``Replicate()`` on every mesh dimension but at
+most one, which is a plain ``Shard(d)`` (FSDP2 on a 1-D mesh, HSDP on a 2-D mesh, a DTensor
+sharded on any dim). Uneven and empty shards work. ``_StridedShard``, ``Partial`` parameters,
+and several sharded mesh dimensions (FSDP + TP) raise :class:`UnsupportedShardingError`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ._factored import approx_rsqrt, ema_, is_factored
+from ._impl.common import StepArgs, compute_dtype
+from ._impl.reference import apply_update_, step_single_tensor
+
+__all__ = [
+    "UnsupportedShardingError",
+    "init_state_dtensor",
+    "state_placements",
+    "step_dtensor",
+    "to_param_layout",
+    "called_from_dcp_state_init",
+    "check_not_flat_partitions",
+]
+
+_HINT = (
+    "CAME supports DTensor parameters placed Shard(d) on one mesh dimension and Replicate() "
+    "on the others (what torch.distributed.fsdp.fully_shard produces on a 1-D mesh, or HSDP on "
+    "a 2-D mesh). Shard the model with FSDP2 (fully_shard) instead; flat 1-D partitions such "
+    "as DeepSpeed ZeRO's would silently turn every matrix into a vector (no factoring)."
+)
+
+
+class UnsupportedShardingError(NotImplementedError):
+    """A parameter's DTensor layout (or a flat partition) that CAME cannot step exactly."""
+
+
+def _is_dtensor(t: Any) -> bool:
+    cls = _dtensor_cls()
+    return cls is not None and isinstance(t, cls)
+
+
+def _dtensor_cls() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return None
+    return DTensor
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+# ------------------------------------------------------------------------------------ layout
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a DTensor parameter is sharded: ``mesh_dim`` of its mesh holds ``tensor_dim``."""
+
+    mesh_dim: int | None  # None: replicated everywhere
+    tensor_dim: int | None
+
+
+def _layout(param: Tensor) -> _Layout:
+    """The sharding of ``param``; raises :class:`UnsupportedShardingError` for other layouts."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    placements = tuple(param.placements)
+    sharded = []
+    for mesh_dim, placement in enumerate(placements):
+        if isinstance(placement, Replicate):
+            continue
+        if type(placement) is Shard:  # not _StridedShard (a subclass in some versions)
+            sharded.append((mesh_dim, placement.dim))
+            continue
+        raise UnsupportedShardingError(
+            f"cannot step a parameter of shape {tuple(param.shape)} with placements "
+            f"{placements}: {type(placement).__name__} is not supported. {_HINT}"
+        )
+    if len(sharded) > 1:
+        raise UnsupportedShardingError(
+            f"cannot step a parameter of shape {tuple(param.shape)} with placements "
+            f"{placements}: it is sharded on {len(sharded)} mesh dimensions (e.g. FSDP + "
+            f"tensor parallel). {_HINT}"
+        )
+    if not sharded:
+        return _Layout(None, None)
+    mesh_dim, dim = sharded[0]
+    if dim < 0:
+        dim += param.dim()
+    return _Layout(mesh_dim, dim)
+
+
+def check_param(param: Tensor) -> None:
+    """Raise a clear error for a DTensor parameter CAME cannot step exactly."""
+    if _is_dtensor(param):
+        _layout(param)
+
+
+def check_not_flat_partitions(param_groups: Sequence[dict]) -> None:
+    """Raise for DeepSpeed ZeRO partitions, on which CAME would silently factor nothing.
+
+    DeepSpeed's ZeRO wrappers replace each param group's parameters by one flat 1-D partition
+    (stages 1-3); ZeRO-3 model parameters carry ``ds_id``. The tensors say nothing else, so
+    the rule is: DeepSpeed is imported and every parameter the optimizer holds is 1-D, or a
+    parameter has ``ds_id``. (A real model whose every parameter is a vector is not factored
+    anyway.)
+    """
+    params = [p for group in param_groups for p in group["params"]]
+    if any(hasattr(p, "ds_id") for p in params):
+        raise UnsupportedShardingError(
+            "got DeepSpeed ZeRO-3 partitioned parameters (they carry ds_id); CAME factors each "
+            f"matrix's second moment and needs its shape. {_HINT}"
+        )
+    if "deepspeed" in sys.modules and params and all(p.dim() == 1 for p in params):
+        raise UnsupportedShardingError(
+            f"every parameter is 1-D ({len(params)} of them) and DeepSpeed is loaded: these look "
+            "like ZeRO flat partitions, on which CAME would keep a full second moment for "
+            f"everything (no factoring, no confidence). {_HINT}"
+        )
+
+
+def state_placements(param: Tensor) -> dict[str, tuple]:
+    """Placements of each state tensor of a DTensor parameter, by state key.
+
+    ``exp_avg`` (and ``exp_avg_sq`` of a vector) is laid out like the parameter. For a factored
+    parameter of shape ``(..., n, m)`` sharded on dim ``d``: the row statistics ``(..., n)`` are
+    sharded on ``d`` unless ``d`` is the column dim (then replicated); the column statistics
+    ``(..., m)`` are sharded on ``d`` for a batch dim, replicated for the row dim and sharded
+    on their last dim for the column dim.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+
+    layout = _layout(param)
+    base = tuple(param.placements)
+    k = param.dim()
+
+    def with_(placement: Any) -> tuple:
+        if layout.mesh_dim is None:
+            return base
+        out = list(base)
+        out[layout.mesh_dim] = placement
+        return tuple(out)
+
+    out = {"exp_avg": base}
+    if not is_factored(param.shape):
+        out["exp_avg_sq"] = base
+        return out
+    d = layout.tensor_dim
+    if d is None:
+        row = col = base
+    elif d < k - 2:
+        row = col = with_(Shard(d))
+    elif d == k - 2:
+        row, col = with_(Shard(d)), with_(Replicate())
+    else:
+        row, col = with_(Replicate()), with_(Shard(k - 2))
+    out.update(exp_avg_sq_row=row, exp_avg_sq_col=col, exp_avg_res_row=row,
+               exp_avg_res_col=col)
+    return out
+
+
+def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for size in reversed(tuple(shape)):
+        stride.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(stride))
+
+
+def _wrap(local: Tensor, mesh: Any, placements: tuple, shape: torch.Size) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape,
+                              stride=_contiguous_stride(shape))
+
+
+def init_state_dtensor(param: Tensor) -> dict[str, Tensor]:
+    """A zero CAME state for a DTensor parameter, each statistic a DTensor laid out for DCP.
+
+    Local shards have exactly the shapes the distributed step works on, so the state saves
+    with ``torch.distributed.checkpoint`` on N ranks and loads on M. ``step`` stays a plain
+    float32 0-d CPU tensor (the same on every rank). No communication.
+    """
+    from .functional import init_state
+
+    check_param(param)
+    local_state = init_state(param.to_local())
+    global_shapes = {k: v.shape for k, v in init_state(_meta_like(param)).items()}
+    placements = state_placements(param)
+    out: dict[str, Tensor] = {"step": local_state.pop("step")}
+    for key, local in local_state.items():
+        out[key] = _wrap(local, param.device_mesh, placements[key], global_shapes[key])
+    return out
+
+
+def _meta_like(param: Tensor) -> Tensor:
+    return torch.empty(param.shape, dtype=param.dtype, device="meta")
+
+
+def _local_range(size: int, num_chunks: int, index: int) -> tuple[int, int]:
+    """Offset and length of chunk ``index`` of ``size`` items split as ``torch.chunk`` does."""
+    chunk = -(-size // num_chunks) if size else 0
+    start = min(index * chunk, size)
+    return start, max(0, min(size, start + chunk) - start)
+
+
+def to_param_layout(param: Tensor, key: str, value: Tensor) -> Tensor:
+    """Convert a loaded state tensor of a DTensor ``param`` to the layout CAME steps on.
+
+    ``value`` may be a DTensor (e.g. from DCP, possibly with other placements on the same mesh)
+    or a plain tensor of the full (global) shape, e.g. from a single-process checkpoint; then
+    each rank keeps its own chunk (no communication).
+    """
+    dtype = compute_dtype(param.dtype)
+    placements = state_placements(param)[key]
+    mesh = param.device_mesh
+    device = param.to_local().device
+    if _is_dtensor(value):
+        if value.device_mesh != mesh:
+            raise UnsupportedShardingError(
+                f"state {key!r} lives on mesh {value.device_mesh}, the parameter on {mesh}; "
+                "load it with torch.distributed.checkpoint.state_dict.set_optimizer_state_dict"
+            )
+        if tuple(value.placements) != placements:
+            value = value.redistribute(mesh, placements)
+        local = value.to_local().to(device=device, dtype=dtype)
+        return _wrap(local.clone() if local is value.to_local() else local, mesh, placements,
+                     value.shape)
+    local = value
+    for mesh_dim, placement in enumerate(placements):
+        if placement.is_shard():
+            start, length = _local_range(value.shape[placement.dim], mesh.size(mesh_dim),
+                                         mesh.get_local_rank(mesh_dim))
+            local = local.narrow(placement.dim, start, length)
+    local = local.to(device=device, dtype=dtype).contiguous().clone()
+    return _wrap(local, mesh, placements, value.shape)
+
+
+def called_from_dcp_state_init() -> bool:
+    """Whether the current ``step`` was called by DCP's ``_init_optim_state``.
+
+    ``torch.distributed.checkpoint.state_dict`` builds the lazy state of a fresh optimizer by
+    stepping it once with zero gradients and lr = 0. For CAME that step is not a no-op (it
+    counts a step, moves ``r``/``c`` toward eps and ``R``/``C`` toward eps2), so
+    :class:`torchcame.CAME` recognizes the call and only allocates its zero state instead.
+    """
+    frame = sys._getframe(1)
+    for _ in range(12):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_init_optim_state" and str(
+            frame.f_globals.get("__name__", "")
+        ).startswith("torch.distributed.checkpoint"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+# -------------------------------------------------------------------------------------- step
+
+
+@dataclass
+class _ParamStep:
+    """One parameter's step on its local shard, split at the two reductions."""
+
+    param: Tensor  # local
+    grad: Tensor  # local, compute dtype, sign applied
+    state: dict[str, Tensor]  # local views
+    role: str  # "rows" | "cols" | "batch" | "vector"
+    group: Any  # process group of the sharded mesh dim
+    numel: int  # global
+    n: int  # global rows (factored)
+    m: int  # global cols (factored)
+    partials: list[Tensor] = field(default_factory=list)
+    update: Tensor | None = None
+
+    # phase 1: second moment; partial sums for c (or r), mean(r) and sum(u²)
+    def phase1(self, args: StepArgs) -> None:
+        beta2 = args.betas[1]
+        g, st = self.grad, self.state
+        sq = g.square()
+        big_g = sq + args.eps[0]
+        if self.role == "vector":
+            ema_(st["exp_avg_sq"], big_g, beta2)
+            self.update = st["exp_avg_sq"].rsqrt().mul_(g)
+            self.partials = [self.update.square().sum().reshape(1)]
+        elif self.role == "batch":
+            ema_(st["exp_avg_sq_row"], big_g.mean(dim=-1), beta2)
+            ema_(st["exp_avg_sq_col"], big_g.mean(dim=-2), beta2)
+            self.update = approx_rsqrt(st["exp_avg_sq_row"], st["exp_avg_sq_col"]).mul_(g)
+            self.partials = [self.update.square().sum().reshape(1)]
+        elif self.role == "rows":
+            row = st["exp_avg_sq_row"]
+            ema_(row, big_g.mean(dim=-1), beta2)  # exact: whole rows are local
+            self.partials = [
+                big_g.sum(dim=-2),  # column sums of G
+                row.sum(dim=-1),  # for mean(r)
+                sq.div_(row.unsqueeze(-1)).sum(dim=-2),  # sum_i g²/r_i, for sum(u²)
+            ]
+        else:  # cols
+            col = st["exp_avg_sq_col"]
+            ema_(col, big_g.mean(dim=-2), beta2)  # exact: whole columns are local
+            self.partials = [
+                big_g.sum(dim=-1),  # row sums of G
+                sq.div_(col.unsqueeze(-2)).sum(dim=-1),  # sum_j g²/c_j, for sum(u²)
+            ]
+
+    # phase 2: finish u, clip, momentum, instability; partial sums for C (or R) and mean(R)
+    def phase2(self, args: StepArgs) -> None:
+        beta1, beta2, beta3 = args.betas
+        g, st = self.grad, self.state
+        if self.role in ("vector", "batch"):
+            (sum_sq,) = self.partials
+        elif self.role == "rows":
+            col_sum, row_sum, ratio = self.partials
+            col = st["exp_avg_sq_col"]
+            ema_(col, col_sum.div_(self.n), beta2)
+            row_mean = row_sum.div_(self.n)
+            sum_sq = (ratio.div_(col).sum(dim=-1) * row_mean).sum()
+            self.update = _rsqrt_factors(st["exp_avg_sq_row"], row_mean, col).mul_(g)
+        else:  # cols
+            row_sum, ratio = self.partials
+            row = st["exp_avg_sq_row"]
+            ema_(row, row_sum.div_(self.m), beta2)
+            row_mean = row.mean(dim=-1)
+            sum_sq = (ratio.div_(row).sum(dim=-1) * row_mean).sum()
+            self.update = approx_rsqrt(row, st["exp_avg_sq_col"]).mul_(g)
+        update = self.update
+        # 4. u_hat = u / max(1, RMS(u) / d), RMS over the whole (global) tensor
+        rms = sum_sq.reshape(()).sqrt() / math.sqrt(self.numel)
+        update.div_((rms / args.clip_threshold).clamp_(min=1.0))
+        # 5. momentum
+        exp_avg = st["exp_avg"]
+        ema_(exp_avg, update, beta1)
+        self.partials = []
+        if self.role == "vector":
+            self.update = exp_avg.clone()
+            return
+        # 6. instability U = (u_hat - m)^2 + eps2
+        instability = update.sub_(exp_avg).square_().add_(args.eps[1])
+        res_row, res_col = st["exp_avg_res_row"], st["exp_avg_res_col"]
+        if self.role == "batch":
+            ema_(res_row, instability.mean(dim=-1), beta3)
+            ema_(res_col, instability.mean(dim=-2), beta3)
+            self.update = approx_rsqrt(res_row, res_col).mul_(exp_avg)
+        elif self.role == "rows":
+            ema_(res_row, instability.mean(dim=-1), beta3)
+            self.partials = [instability.sum(dim=-2), res_row.sum(dim=-1)]
+        else:  # cols
+            ema_(res_col, instability.mean(dim=-2), beta3)
+            self.partials = [instability.sum(dim=-1)]
+
+    # after phase 2: Ŝ and the parameter update
+    def finish(self, args: StepArgs) -> None:
+        beta3 = args.betas[2]
+        st = self.state
+        if self.role == "rows":
+            col_sum, row_sum = self.partials
+            ema_(st["exp_avg_res_col"], col_sum.div_(self.n), beta3)
+            self.update = _rsqrt_factors(
+                st["exp_avg_res_row"], row_sum.div_(self.n), st["exp_avg_res_col"]
+            ).mul_(st["exp_avg"])
+        elif self.role == "cols":
+            (row_sum,) = self.partials
+            ema_(st["exp_avg_res_row"], row_sum.div_(self.m), beta3)
+            self.update = approx_rsqrt(st["exp_avg_res_row"], st["exp_avg_res_col"]).mul_(
+                st["exp_avg"]
+            )
+        apply_update_(self.param, self.update, args.lr, args.weight_decay)
+        self.update = None
+        self.partials = []
+
+
+def _rsqrt_factors(row: Tensor, row_mean: Tensor, col: Tensor) -> Tensor:
+    """``approx_rsqrt`` with the mean of ``row`` given (it spans other ranks' shards)."""
+    row_factor = (row / row_mean.unsqueeze(-1)).rsqrt_().unsqueeze(-1)
+    col_factor = col.unsqueeze(-2).rsqrt()
+    return torch.mul(row_factor, col_factor)
+
+
+def _all_reduce_partials(steps: list[_ParamStep]) -> int:
+    """Sum every step's ``partials`` over its process group, in place: one all-reduce per
+    (process group, dtype, device), all parameters packed into one flat buffer.
+
+    Returns the number of all-reduces issued.
+    """
+    buckets: dict[tuple, list[Tensor]] = {}
+    for s in steps:
+        for t in s.partials:
+            buckets.setdefault((s.group, t.dtype, t.device), []).append(t)
+    for (group, _, _), tensors in buckets.items():
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+    return len(buckets)
+
+
+def _role(layout: _Layout, ndim: int) -> str:
+    if layout.tensor_dim is None:
+        return "replicate"
+    if ndim < 2:
+        return "vector"
+    if layout.tensor_dim < ndim - 2:
+        return "batch"
+    return "rows" if layout.tensor_dim == ndim - 2 else "cols"
+
+
+def step_dtensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict],
+    args: StepArgs,
+    impl: str = "reference",
+) -> None:
+    """One CAME step for a param group holding DTensor (and possibly plain) parameters.
+
+    The result equals a single process stepping the full tensors (up to float rounding of the
+    split sums). Two all-reduces per process group, each carrying all parameters' partial sums.
+    Every rank of the group must call this with the same parameters (as FSDP2 guarantees).
+    ``impl`` is accepted for the signature; local math uses the reference ops.
+    """
+    del impl
+    if getattr(args, "extended", False):
+        raise NotImplementedError(
+            "bias_correction, stochastic_rounding and factor_dims other than 'last_two' are not "
+            "supported with DTensor (FSDP2) parameters yet"
+        )
+    # Validate everything before changing any state.
+    plans = []
+    for param, grad, state in zip(params, grads, states):
+        if not _is_dtensor(param):
+            if _is_dtensor(grad):
+                raise TypeError("a plain parameter got a DTensor gradient")
+            plans.append(("plain", param, grad, state, None))
+            continue
+        check_param(param)
+        layout = _layout(param)
+        if not _is_dtensor(grad):
+            raise TypeError(
+                f"DTensor parameter of shape {tuple(param.shape)} got a plain-tensor gradient "
+                f"of shape {tuple(grad.shape)}"
+            )
+        if grad.device_mesh != param.device_mesh or tuple(grad.placements) != tuple(
+            param.placements
+        ):
+            grad = grad.redistribute(param.device_mesh, param.placements)
+        local_state = {k: _local(v) for k, v in state.items()}
+        local_param = param.to_local()
+        expected = "exp_avg" in local_state and local_state["exp_avg"].shape == local_param.shape
+        if not expected:
+            raise ValueError(
+                f"state of a DTensor parameter of shape {tuple(param.shape)} does not match its "
+                f"local shard {tuple(local_param.shape)}; build it with torchcame.init_state or "
+                "load it with CAME.load_state_dict / set_optimizer_state_dict"
+            )
+        plans.append((_role(layout, param.dim()), param, grad, local_state, layout))
+
+    steps: list[_ParamStep] = []
+    for role, param, grad, state, layout in plans:
+        if role == "plain":
+            step_single_tensor([param], [grad], [state], args)
+            continue
+        local_param, local_grad = param.to_local(), grad.to_local()
+        if role == "replicate":  # every rank holds the whole tensor: the reference step
+            step_single_tensor([local_param], [local_grad], [state], args)
+            continue
+        state["step"] += 1
+        if param.numel() == 0:
+            continue
+        dtype = compute_dtype(param.dtype)
+        if local_grad.dtype != dtype:
+            local_grad = local_grad.to(dtype)
+        if args.maximize:
+            local_grad = -local_grad
+        shape = param.shape
+        steps.append(
+            _ParamStep(
+                param=local_param,
+                grad=local_grad,
+                state=state,
+                role=role,
+                group=param.device_mesh.get_group(layout.mesh_dim),
+                numel=param.numel(),
+                n=shape[-2] if param.dim() >= 2 else 1,
+                m=shape[-1] if param.dim() >= 1 else 1,
+            )
+        )
+    if not steps:
+        return
+    for s in steps:
+        s.phase1(args)
+    _all_reduce_partials(steps)
+    for s in steps:
+        s.phase2(args)
+    _all_reduce_partials(steps)
+    for s in steps:
+        s.finish(args)
