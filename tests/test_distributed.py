@@ -1,0 +1,550 @@
+"""CAME under FSDP2, DDP and ZeRO equals a single process holding the full tensors.
+
+Real gloo process groups on CPU (2 and 3 ranks, one OS process per rank, OMP_NUM_THREADS=1,
+TCP port picked by the OS). Each launch runs every scenario of its world size and saves full
+(gathered) parameters and state from rank 0; the tests compare them with a single-process run
+of the same model and data, computed here.
+
+Tolerance: float32, every tensor within ``max|a - b| <= RTOL * max|b|`` (norm-wise relative,
+RTOL = 1e-5) after 12 steps (18 for the DCP resume runs). Cross-rank sums change the summation
+order, so results are not bitwise equal; fully replicated parameters are.
+
+Run alone: ``pytest -m distributed tests/test_distributed.py``; a worker is this file run as a
+script (``python tests/test_distributed.py --rank R --world-size W --port P --out DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytestmark = pytest.mark.distributed
+
+RTOL = 1e-5
+STEPS = 12
+RESUME_STEPS = 6
+GLOBAL_BATCH = 6  # divisible by 1, 2 and 3 ranks
+HYPER = dict(lr=1e-2, weight_decay=0.1)
+TIMEOUT = 240  # seconds per launch
+
+
+# ------------------------------------------------------------------------- model and data
+
+
+class Net(nn.Module):
+    """Every layout the distributed step distinguishes, with uneven and empty FSDP2 shards.
+
+    Under ``fully_shard`` (Shard(0)): ``fc1.weight`` (7, 12) is row-sharded and uneven on 2 and
+    3 ranks, ``fc2.weight`` (2, 15) leaves rank 2 of 3 empty, ``batched`` (5, 7, 3) and ``conv``
+    (3, 2, 2, 2) are sharded on a batch dim, biases and norms are sharded vectors.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 12)
+        self.fc1 = nn.Linear(12, 7)
+        self.batched = nn.Parameter(torch.randn(5, 7, 3) * 0.3)
+        self.conv = nn.Conv2d(2, 3, 2)
+        self.fc2 = nn.Linear(15 + 3, 2)
+        self.norm = nn.LayerNorm(18)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.emb(idx)  # (B, T, 12)
+        img = h[:, :8].reshape(-1, 2, 4, 12)[..., :4]  # (B', 2, 4, 4)
+        conv = self.conv(img).mean(dim=(-1, -2))  # (B, 3)
+        h = torch.tanh(self.fc1(h.mean(1)))
+        h = torch.einsum("bi,kij->bkj", h, self.batched).flatten(1)
+        return self.fc2(self.norm(torch.cat([h, conv], dim=1)))
+
+
+def make_net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net()
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    idx = torch.randint(0, 11, (GLOBAL_BATCH, 8), generator=gen)
+    target = torch.randn(GLOBAL_BATCH, 2, generator=gen)
+    return idx, target
+
+
+def loss_fn(model: nn.Module, idx: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((model(idx) - target) ** 2).mean()
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Two groups (decay for matrices, none for vectors), so a step has two groups."""
+    named = list(model.named_parameters())
+    return [
+        {"params": [p for _, p in named if p.dim() >= 2]},
+        {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def local_batch(step: int, rank: int, world: int):
+    idx, target = batch(step)
+    per = GLOBAL_BATCH // world
+    return idx[rank * per : (rank + 1) * per], target[rank * per : (rank + 1) * per]
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
+
+
+def snapshot(model: nn.Module, optim) -> dict:
+    """Full parameters and full state keyed by parameter name (collective for DTensors)."""
+    names = {p: n for n, p in model.named_parameters()}
+    params = {n.removeprefix("module."): full(p.detach()) for p, n in names.items()}
+    state = {}
+    for p, n in names.items():
+        for k, v in optim.state.get(p, {}).items():
+            state[f"{n.removeprefix('module.')}.{k}"] = full(v)
+    return {"params": params, "state": state}
+
+
+# ----------------------------------------------------------------------- reference (single)
+
+
+def reference_run(steps: int) -> dict:
+    from torchcame import CAME
+
+    model = make_net()
+    optim = CAME(param_groups(model), **HYPER)
+    for step in range(steps):
+        idx, target = batch(step)
+        loss_fn(model, idx, target).backward()
+        optim.step()
+        optim.zero_grad()
+    return snapshot(model, optim)
+
+
+def max_rel_err(got: dict, ref: dict) -> dict[str, float]:
+    assert set(got) == set(ref), (sorted(set(got) ^ set(ref)))
+    out = {}
+    for key, r in ref.items():
+        g = got[key]
+        assert g.shape == r.shape, (key, g.shape, r.shape)
+        scale = r.abs().max().item() if r.numel() else 0.0
+        err = (g.double() - r.double()).abs().max().item() if r.numel() else 0.0
+        out[key] = err / scale if scale > 0 else err
+    return out
+
+
+def assert_close_rel(got: dict, ref: dict, rtol: float = RTOL) -> None:
+    errors = max_rel_err(got, ref)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= rtol, f"{worst}: relative error {errors[worst]:.2e} > {rtol:.0e}"
+
+
+# ---------------------------------------------------------------------------------- worker
+
+
+def _fsdp_model(seed: int = 0):
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_net(seed)
+    fully_shard(model.fc1)
+    fully_shard(model)
+    return model
+
+
+def _train(model, optim, rank, world, steps, start=0, ddp_sync=None):
+    for step in range(start, start + steps):
+        idx, target = local_batch(step, rank, world)
+        loss_fn(model, idx, target).backward()
+        optim.step()
+        optim.zero_grad()
+
+
+def _count_all_reduces(fn) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    calls = []
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.numel() * tensor.element_size())
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        fn()
+    finally:
+        dist.all_reduce = original
+    return len(calls), sum(calls)
+
+
+def _scenario_fsdp(rank, world, out: Path, save_ckpt: bool) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    from torchcame import CAME
+
+    model = _fsdp_model()
+    optim = CAME(param_groups(model), **HYPER)
+    _train(model, optim, rank, world, STEPS - 1)
+    # The last step counts the optimizer's all-reduces (FSDP's own collectives are not
+    # all_reduce calls on gloo: all-gather and reduce-scatter).
+    idx, target = local_batch(STEPS - 1, rank, world)
+    loss_fn(model, idx, target).backward()
+    counts = _count_all_reduces(optim.step)
+    optim.zero_grad()
+    snap = snapshot(model, optim)
+    if save_ckpt:
+        sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optim)}
+        dcp.save(sd, checkpoint_id=str(out / "ckpt"))
+    if rank == 0:
+        snap["all_reduces"] = counts
+        torch.save(snap, out / f"fsdp_w{world}.pt")
+
+
+def _scenario_resume(rank, world, out: Path, ckpt: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from torchcame import CAME
+
+    model = _fsdp_model(seed=123)  # different init: everything must come from the checkpoint
+    optim = CAME(param_groups(model), **{**HYPER, "lr": 0.5})
+    osd = get_optimizer_state_dict(model, optim)  # DCP's zero-grad init step: must not move
+    fresh = [
+        (float(st["step"]), all(float(full(v).abs().max()) == 0 for k, v in st.items()
+                                if k != "step" and v.numel()))
+        for st in optim.state.values()
+    ]
+    sd = {"model": get_model_state_dict(model), "optim": osd}
+    dcp.load(sd, checkpoint_id=str(ckpt))
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, optim, sd["optim"])
+    _train(model, optim, rank, world, RESUME_STEPS, start=STEPS)
+    snap = snapshot(model, optim)
+    if rank == 0:
+        snap["fresh_state"] = fresh
+        snap["n_state"] = len(optim.state)
+        torch.save(snap, out / f"resume_w{world}.pt")
+
+
+def _scenario_placements(rank, world, out: Path) -> None:
+    """Direct DTensors: Shard(0/1/2), Replicate on 2-D, 3-D and 1-D parameters."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    from torchcame import CAME
+
+    mesh = init_device_mesh("cpu", (world,))
+    cases = placement_cases()
+    params = []
+    for i, (shape, placement) in enumerate(cases.values()):
+        full_p = placement_grad(shape, -1, i)  # the initial value
+        placements = [Replicate()] if placement is None else [Shard(placement)]
+        params.append(nn.Parameter(distribute_tensor(full_p, mesh, placements)))
+    optim = CAME(params, **HYPER)
+    for step in range(STEPS):
+        for i, p in enumerate(params):
+            g = placement_grad(p.shape, step, i)
+            p.grad = distribute_tensor(g, mesh, p.placements)
+        optim.step()
+    result = {name: full(p.detach()) for name, p in zip(cases, params)}
+    for name, p in zip(cases, params):
+        for k, v in optim.state[p].items():
+            result[f"{name}.{k}"] = full(v)
+    if rank == 0:
+        torch.save(result, out / f"placements_w{world}.pt")
+
+
+def placement_cases() -> dict[str, tuple[tuple[int, ...], int | None]]:
+    return {
+        "rows": ((7, 5), 0),
+        "cols": ((4, 7), 1),
+        "rep": ((3, 4), None),
+        "rows3d": ((2, 5, 4), 1),
+        "cols3d": ((2, 4, 5), 2),
+        "batch3d": ((5, 3, 2), 0),
+        "vec": ((7,), 0),
+        "tiny": ((1, 2), 1),  # empty column shards
+    }
+
+
+def placement_grad(shape, step: int, i: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(10_000 * i + step + 1)
+    return torch.randn(shape, generator=gen)
+
+
+def _scenario_errors(rank, world, out: Path) -> None:
+    from torch.distributed.tensor import DTensor, Partial, Shard, init_device_mesh
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from torchcame import CAME
+    from torchcame.distributed import UnsupportedShardingError
+
+    mesh = init_device_mesh("cpu", (world,))
+    mesh2 = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
+    local = torch.randn(2, 3)
+    cases = {
+        "partial": DTensor.from_local(local, mesh, [Partial()]),
+        "strided": DTensor.from_local(local, mesh, [_StridedShard(0, split_factor=2)]),
+        "2d_two_shards": DTensor.from_local(local, mesh2, [Shard(0), Shard(1)]),
+    }
+    messages = {}
+    for name, value in cases.items():
+        p = nn.Parameter(value)
+        p.grad = torch.zeros_like(p)
+        try:
+            CAME([p], lr=1e-3).step()
+        except UnsupportedShardingError as err:
+            messages[name] = str(err)
+    if rank == 0:
+        torch.save(messages, out / f"errors_w{world}.pt")
+
+
+def _scenario_count(rank, world, out: Path) -> None:
+    """All-reduces of one CAME step for 3 and for 60 FSDP2-sharded parameters."""
+    from torch.distributed.fsdp import fully_shard
+
+    from torchcame import CAME
+
+    counts = {}
+    for layers in (1, 20):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(5, 5) for _ in range(layers)], nn.LayerNorm(5))
+        for layer in model:
+            fully_shard(layer)
+        fully_shard(model)
+        optim = CAME(model.parameters(), lr=1e-3)
+        model(torch.randn(2, 5)).sum().backward()
+        counts[len(list(model.parameters()))] = _count_all_reduces(optim.step)
+    if rank == 0:
+        torch.save(counts, out / f"count_w{world}.pt")
+
+
+def _scenario_ddp(rank, world, out: Path) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from torchcame import CAME
+
+    model = DDP(make_net())
+    optim = CAME(param_groups(model), **HYPER)
+    _train(model, optim, rank, world, STEPS)
+    snap = snapshot(model, optim)
+    if rank == 0:
+        torch.save(snap, out / f"ddp_w{world}.pt")
+
+
+def _scenario_zero(rank, world, out: Path) -> None:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from torchcame import CAME
+
+    model = DDP(make_net())
+    groups = param_groups(model)
+    optim = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=CAME, **HYPER)
+    optim.add_param_group(groups[1])
+    _train(model, optim, rank, world, STEPS)
+    optim.consolidate_state_dict(to=0)
+    params = {n.removeprefix("module."): p.detach().clone() for n, p in model.named_parameters()}
+    if rank == 0:
+        sd = optim.state_dict()
+        ids = [p for g in groups for p in g["params"]]
+        names = {id(p): n.removeprefix("module.") for n, p in model.named_parameters()}
+        order = [names[id(p)] for p in ids]
+        state = {}
+        for idx, entry in sd["state"].items():
+            for k, v in entry.items():
+                state[f"{order[idx]}.{k}"] = v
+        torch.save({"params": params, "state": state}, out / f"zero_w{world}.pt")
+
+
+def worker(rank: int, world: int, port: int, out: Path, mode: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        if mode == "main":
+            _scenario_fsdp(rank, world, out, save_ckpt=world == 2)
+            _scenario_placements(rank, world, out)
+            _scenario_count(rank, world, out)
+            _scenario_errors(rank, world, out)
+            _scenario_ddp(rank, world, out)
+            _scenario_zero(rank, world, out)
+        if mode in ("resume", "main") and (out.parent / "w2" / "ckpt").exists() and world != 2:
+            _scenario_resume(rank, world, out, out.parent / "w2" / "ckpt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------- launch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, out: Path, mode: str = "main") -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--rank", str(r), "--world-size", str(world),
+             "--port", str(port), "--out", str(out), "--mode", mode],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for r in range(world)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
+    assert not failed, f"ranks failed {failed}:\n" + "\n".join(logs)[-6000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Launch 2 ranks (saves a DCP checkpoint), then 3 ranks, then 1 rank (resume only)."""
+    root = tmp_path_factory.mktemp("dist")
+    launch(2, root / "w2")
+    launch(3, root / "w3")
+    launch(1, root / "w1", mode="resume")
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    return reference_run(STEPS)
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, weights_only=False)
+
+
+# ----------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_equals_single_process(runs, reference, world):
+    got = _load(runs / f"w{world}" / f"fsdp_w{world}.pt")
+    assert_close_rel(got["params"], reference["params"])
+    assert_close_rel(got["state"], reference["state"])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_collectives_per_step(runs, world):
+    calls, _ = _load(runs / f"w{world}" / f"fsdp_w{world}.pt")["all_reduces"]
+    assert calls == 3  # matrices: two phases; vectors (second group): phase 1 only
+    counts = _load(runs / f"w{world}" / f"count_w{world}.pt")
+    assert sorted(counts) == [4, 42]
+    assert {calls for calls, _ in counts.values()} == {2}  # independent of the parameter count
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_dtensor_placements_equal_single_process(runs, world):
+    got = _load(runs / f"w{world}" / f"placements_w{world}.pt")
+    ref = {}
+    from torchcame import CAME
+
+    params = []
+    for i, (shape, _) in enumerate(placement_cases().values()):
+        params.append(nn.Parameter(placement_grad(shape, -1, i)))
+    optim = CAME(params, **HYPER)
+    for step in range(STEPS):
+        for i, p in enumerate(params):
+            p.grad = placement_grad(p.shape, step, i)
+        optim.step()
+    for name, p in zip(placement_cases(), params):
+        ref[name] = p.detach()
+        for k, v in optim.state[p].items():
+            ref[f"{name}.{k}"] = v
+    assert_close_rel(got, ref)
+    # a replicated parameter takes the reference step on every rank: bitwise equal
+    assert torch.equal(got["rep"], ref["rep"])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_unsupported_layouts_raise(runs, world):
+    messages = _load(runs / f"w{world}" / f"errors_w{world}.pt")
+    assert sorted(messages) == ["2d_two_shards", "partial", "strided"]
+    for message in messages.values():
+        assert "fully_shard" in message
+
+
+def test_deepspeed_partitions_raise(monkeypatch):
+    """ZeRO flat partitions (all 1-D, DeepSpeed loaded) and ZeRO-3 params (ds_id) raise."""
+    import types
+
+    from torchcame import CAME
+    from torchcame.distributed import UnsupportedShardingError
+
+    flat = nn.Parameter(torch.zeros(30))
+    flat.grad = torch.ones(30)
+    CAME([flat], lr=1e-3).step()  # without DeepSpeed a lone vector is a legitimate parameter
+    monkeypatch.setitem(sys.modules, "deepspeed", types.ModuleType("deepspeed"))
+    with pytest.raises(UnsupportedShardingError, match="fully_shard"):
+        CAME([flat], lr=1e-3).step()
+    matrix = nn.Parameter(torch.zeros(3, 4))
+    matrix.grad = torch.ones(3, 4)
+    matrix.ds_id = 7
+    with pytest.raises(UnsupportedShardingError, match="ds_id"):
+        CAME([matrix], lr=1e-3).step()
+    assert float(matrix.detach().abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ddp_equals_single_process(runs, reference, world):
+    got = _load(runs / f"w{world}" / f"ddp_w{world}.pt")
+    assert_close_rel(got["params"], reference["params"])
+    assert_close_rel(got["state"], reference["state"])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_zero_redundancy_equals_single_process(runs, reference, world):
+    got = _load(runs / f"w{world}" / f"zero_w{world}.pt")
+    assert_close_rel(got["params"], reference["params"])
+    assert_close_rel(got["state"], reference["state"])
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_dcp_save_2_ranks_load_and_continue(runs, world):
+    got = _load(runs / f"w{world}" / f"resume_w{world}.pt")
+    # DCP's zero-gradient init step allocated zero state without counting a step
+    assert got["fresh_state"] and all(step == 0.0 and zero for step, zero in got["fresh_state"])
+    ref = reference_run(STEPS + RESUME_STEPS)
+    assert_close_rel(got["params"], ref["params"])
+    assert_close_rel(got["state"], ref["state"])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--mode", default="main")
+    a = parser.parse_args()
+    worker(a.rank, a.world_size, a.port, a.out, a.mode)
