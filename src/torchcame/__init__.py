@@ -2,7 +2,8 @@
 
 from .came import CAME
 from .functional import came, init_state
+from .step_in_backward import step_in_backward
 
 __version__ = "0.1.0"
 
-__all__ = ["CAME", "came", "init_state", "__version__"]
+__all__ = ["CAME", "came", "init_state", "step_in_backward", "__version__"]

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "FACTOR_POLICIES",
+    "factored_dims",
     "is_factored",
     "row_shape",
     "col_shape",
@@ -44,6 +46,41 @@ def is_factored(shape: torch.Size | tuple[int, ...]) -> bool:
     two dimensions; scalars and vectors keep a full second moment and no confidence statistic.
     """
     return len(shape) >= 2
+
+
+#: ``factor_dims`` policies: the reference's last two dims, or the two largest dims.
+FACTOR_POLICIES = ("last_two", "largest")
+
+
+def factored_dims(
+    shape: torch.Size | tuple[int, ...], policy: str = "last_two", min_dim: int = 1
+) -> tuple[int, int] | None:
+    """The two dims ``(row_dim, col_dim)`` a tensor of ``shape`` is factored over, or None.
+
+    ``"last_two"`` (the reference): the last two dims of any tensor with ``ndim >= 2``.
+    ``"largest"``: the two largest dims (the later one on ties), kept in their order, and only
+    if both are at least ``min_dim``; otherwise the tensor keeps a full second moment. A 1x1
+    conv weight ``(o, i, 1, 1)`` is then factored over ``(o, i)`` (state ``o + i`` per
+    statistic) instead of over ``(1, 1)`` (state ``2 * o * i``, more than Adam's).
+    """
+    ndim = len(shape)
+    if ndim < 2:
+        return None
+    if policy == "last_two":
+        return (ndim - 2, ndim - 1)
+    if policy != "largest":
+        raise ValueError(f"Invalid factor_dims: {policy!r}; expected one of {FACTOR_POLICIES}")
+    by_size = sorted(range(ndim), key=lambda d: (shape[d], d), reverse=True)
+    first, second = sorted(by_size[:2])
+    if min(shape[first], shape[second]) < min_dim:
+        return None
+    return (first, second)
+
+
+def factored_layout(shape: torch.Size | tuple[int, ...], dims: tuple[int, int]) -> torch.Size:
+    """``shape`` with the factored ``dims`` moved last (the layout the statistics refer to)."""
+    rest = [s for d, s in enumerate(shape) if d not in dims]
+    return torch.Size(rest + [shape[dims[0]], shape[dims[1]]])
 
 
 def row_shape(shape: torch.Size | tuple[int, ...]) -> torch.Size:

@@ -12,12 +12,34 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._impl.common import compute_dtype
+from ._factored import FACTOR_POLICIES
 from .functional import came, init_state
+from .lowbit import dequantize_blockwise, normalize_momentum_dtype, quantize_blockwise
 
 __all__ = ["CAME"]
 
 _DROPPED_STATE_KEYS = ("RMS",)  # stored (unused) by the authors' package
+
+#: Group entries absent from older state dicts (and the authors' package), with the values
+#: that reproduce the behaviour those dicts were saved with.
+_GROUP_DEFAULTS = dict(
+    maximize=False,
+    foreach=None,
+    fused=None,
+    skip_nonfinite=False,
+    skipped_steps=0,
+    momentum_dtype="float32",
+    quantization_block_size=256,
+    min_quantized_numel=4096,
+    stochastic_rounding=False,
+    bias_correction=False,
+    factor_dims="last_two",
+    factor_min_dim=1,
+)
+
+#: Group entries that fix the layout of a parameter's state at creation.
+_LAYOUT_KEYS = ("momentum_dtype", "quantization_block_size", "min_quantized_numel",
+                "factor_dims", "factor_min_dim")
 
 
 def _check_real(name: str, value: Any) -> float:
@@ -77,7 +99,19 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
     if wd < 0.0 or math.isinf(wd):
         raise ValueError(f"Invalid weight_decay: {wd!r} (must be finite and >= 0)")
     group["weight_decay"] = wd
-    for flag in ("maximize", "skip_nonfinite"):
+    group["momentum_dtype"] = normalize_momentum_dtype(group["momentum_dtype"])
+    for name, low in (("quantization_block_size", 1), ("min_quantized_numel", 0),
+                      ("factor_min_dim", 1)):
+        value = group[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        if value < low:
+            raise ValueError(f"Invalid {name}: {value!r} (must be >= {low})")
+    if group["factor_dims"] not in FACTOR_POLICIES:
+        raise ValueError(
+            f"Invalid factor_dims: {group['factor_dims']!r}; expected one of {FACTOR_POLICIES}"
+        )
+    for flag in ("maximize", "skip_nonfinite", "stochastic_rounding", "bias_correction"):
         if not isinstance(group[flag], bool):
             raise TypeError(f"{flag} must be a bool, got {group[flag]!r}")
     for flag in ("foreach", "fused"):
@@ -133,6 +167,26 @@ class CAME(Optimizer):
             stepped at all (params and state untouched) and ``group["skipped_steps"]`` counts
             it; without it one bad gradient poisons the statistics for good (default: False).
             Costs one device-to-host sync per group and step.
+        momentum_dtype: how the momentum m is stored between steps: ``torch.float32``
+            (default), ``torch.bfloat16`` (2 bytes per element, round to nearest) or
+            ``"int8"`` (block-wise absmax 8-bit, one float32 scale per
+            ``quantization_block_size`` elements; tensors smaller than
+            ``min_quantized_numel`` stay float32). Every factored statistic stays float32 and
+            the step's math runs on a float32 m. See :mod:`torchcame.lowbit`.
+        quantization_block_size: elements per int8 block (default: 256).
+        min_quantized_numel: smallest tensor whose momentum is quantized (default: 4096).
+        stochastic_rounding: for bf16/fp16 parameters, compute the new weight in float32 and
+            round it to the parameter dtype stochastically (unbiased), so updates and weight
+            decay below the format's resolution survive in expectation, without a float32
+            master copy (default: False: round to nearest, as the reference does).
+        bias_correction: divide m by (1 - β1^t) and the second-moment and instability
+            estimates by (1 - β2^t), (1 - β3^t). Removes the early-step amplification of up to
+            ~(1 - β1^t) / sqrt(1 - β3^t) of the zero-initialized rule (default: False).
+        factor_dims: ``"last_two"`` (default, the reference: factor over the last two dims)
+            or ``"largest"`` (the two largest dims, if both are at least ``factor_min_dim``,
+            else a full second moment). ``"largest"`` stores a 1x1 conv's statistics in
+            ``O(out + in)`` instead of ``2 * out * in``.
+        factor_min_dim: see ``factor_dims`` (default: 1).
     """
 
     def __init__(
@@ -148,6 +202,13 @@ class CAME(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         skip_nonfinite: bool = False,
+        momentum_dtype: torch.dtype | str = torch.float32,
+        quantization_block_size: int = 256,
+        min_quantized_numel: int = 4096,
+        stochastic_rounding: bool = False,
+        bias_correction: bool = False,
+        factor_dims: str = "last_two",
+        factor_min_dim: int = 1,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -159,6 +220,13 @@ class CAME(Optimizer):
             foreach=foreach,
             fused=fused,
             skip_nonfinite=skip_nonfinite,
+            momentum_dtype=momentum_dtype,
+            quantization_block_size=quantization_block_size,
+            min_quantized_numel=min_quantized_numel,
+            stochastic_rounding=stochastic_rounding,
+            bias_correction=bias_correction,
+            factor_dims=factor_dims,
+            factor_min_dim=factor_min_dim,
         )
         _validate_hyperparameters(dict(defaults))  # fail before any group is built
         super().__init__(params, defaults)
@@ -185,8 +253,7 @@ class CAME(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            for key, value in (("maximize", False), ("foreach", None), ("fused", None),
-                               ("skip_nonfinite", False), ("skipped_steps", 0)):
+            for key, value in _GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
 
     # ----------------------------------------------------------------------------------- step
@@ -244,26 +311,35 @@ class CAME(Optimizer):
             if group["skip_nonfinite"] and not _all_finite(grads):
                 group["skipped_steps"] += 1
                 continue
-            states = []
-            for p in params:
-                state = self.state[p]
-                if len(state) == 0:
-                    state.update(init_state(p))
-                states.append(state)
-            came(
-                params,
-                grads,
-                states,
-                lr=group["lr"],
-                betas=group["betas"],
-                eps=group["eps"],
-                clip_threshold=group["clip_threshold"],
-                weight_decay=group["weight_decay"],
-                maximize=group["maximize"],
-                foreach=group["foreach"],
-                fused=group["fused"],
-            )
+            self._step_group(group, params, grads)
         return loss
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        """Step ``params`` (all of ``group``) with ``grads``, creating missing state."""
+        states = []
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state.update(init_state(p, **_layout_options(group)))
+            states.append(state)
+        came(
+            params,
+            grads,
+            states,
+            lr=group["lr"],
+            betas=group["betas"],
+            eps=group["eps"],
+            clip_threshold=group["clip_threshold"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+            foreach=group["foreach"],
+            fused=group["fused"],
+            block_size=group["quantization_block_size"],
+            stochastic_rounding=group["stochastic_rounding"],
+            bias_correction=group["bias_correction"],
+            factor_dims=group["factor_dims"],
+            factor_min_dim=group["factor_min_dim"],
+        )
 
     @torch.no_grad()
     def init_state(self) -> None:
@@ -278,7 +354,7 @@ class CAME(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.requires_grad and not self.state.get(p):
-                    self.state[p] = init_state(p)
+                    self.state[p] = init_state(p, **_layout_options(group))
 
     # ----------------------------------------------------------------------------- state dict
 
@@ -289,6 +365,10 @@ class CAME(Optimizer):
         keys, shapes); on any mismatch a ``ValueError`` is raised and nothing is loaded. The
         unused ``RMS`` entry of the authors' package is dropped, an integer ``step`` becomes a
         tensor, and statistics keep the float32 compute dtype of bf16/fp16 parameters.
+
+        The state layout options of this optimizer (``momentum_dtype``, the quantization block
+        and threshold, ``factor_dims``) are kept, and the loaded momentum is converted to them:
+        a float32 checkpoint loads into an 8-bit optimizer and the other way round.
         """
         state_dict = copy.deepcopy(state_dict)
         groups = self.param_groups
@@ -302,32 +382,52 @@ class CAME(Optimizer):
                 f"has {len(groups)}"
             )
         id_to_param: dict[Any, Tensor] = {}
+        id_to_groups: dict[Any, tuple[dict, dict]] = {}
         for group, saved in zip(groups, saved_groups):
             if len(group["params"]) != len(saved["params"]):
                 raise ValueError(
                     f"a loaded parameter group has {len(saved['params'])} parameters, the "
                     f"optimizer's has {len(group['params'])}"
                 )
+            for key, value in _GROUP_DEFAULTS.items():
+                saved.setdefault(key, value)
+            hyper = {k: v for k, v in saved.items() if k != "params"}
+            _validate_hyperparameters(hyper)
             id_to_param.update(zip(saved["params"], group["params"]))
+            id_to_groups.update((pid, (saved, group)) for pid in saved["params"])
         converted: dict[Any, dict[str, Tensor]] = {}
         for pid, entry in saved_state.items():
             if pid not in id_to_param:
                 raise ValueError(f"state dict has state for unknown parameter id {pid!r}")
-            converted[pid] = _convert_param_state(id_to_param[pid], entry, pid)
-        for saved in saved_groups:
-            for key, value in (("maximize", False), ("foreach", None), ("fused", None),
-                               ("skip_nonfinite", False), ("skipped_steps", 0)):
-                saved.setdefault(key, value)
-            hyper = {k: v for k, v in saved.items() if k != "params"}
-            _validate_hyperparameters(hyper)
+            saved, group = id_to_groups[pid]
+            converted[pid] = _convert_param_state(id_to_param[pid], entry, pid, saved, group)
+        for saved, group in zip(saved_groups, groups):
+            saved.update({key: group[key] for key in _LAYOUT_KEYS})  # keep this layout
         state_dict["state"] = {}
         super().load_state_dict(state_dict)
         for pid, entry in converted.items():
             self.state[id_to_param[pid]] = entry
 
 
-def _convert_param_state(param: Tensor, entry: dict[str, Any], pid: Any) -> dict[str, Tensor]:
-    """Check one parameter's saved state against ``param`` and convert it to our layout."""
+def _layout_options(group: dict[str, Any]) -> dict[str, Any]:
+    """The :func:`init_state` options a param group sets."""
+    return dict(
+        momentum_dtype=group["momentum_dtype"],
+        block_size=group["quantization_block_size"],
+        min_quantized_numel=group["min_quantized_numel"],
+        factor_dims=group["factor_dims"],
+        factor_min_dim=group["factor_min_dim"],
+    )
+
+
+def _convert_param_state(
+    param: Tensor, entry: dict[str, Any], pid: Any, saved_group: dict, group: dict
+) -> dict[str, Tensor]:
+    """Check one parameter's saved state against ``param`` and convert it to our layout.
+
+    ``saved_group`` is the parameter's group in the loaded dict (it says how its momentum was
+    stored), ``group`` its group in this optimizer (the layout to convert to).
+    """
     entry = {k: v for k, v in entry.items() if k not in _DROPPED_STATE_KEYS}
     if not entry:
         return {}
@@ -335,7 +435,9 @@ def _convert_param_state(param: Tensor, entry: dict[str, Any], pid: Any) -> dict
     if is_dtensor:  # state is checked against the global shape, then laid out like param
         expected = init_state(torch.empty(param.shape, dtype=param.dtype, device="meta"))
     else:
-        expected = init_state(param.detach().to("meta"))
+        expected = init_state(param.detach().to("meta"), **_layout_options(group))
+        entry = _convert_momentum(entry, expected, saved_group["quantization_block_size"],
+                                  group["quantization_block_size"], pid)
     missing = set(expected) - set(entry)
     unknown = set(entry) - set(expected)
     if missing or unknown:
@@ -362,8 +464,39 @@ def _convert_param_state(param: Tensor, entry: dict[str, Any], pid: Any) -> dict
 
             out[key] = to_param_layout(param, key, value)
             continue
-        out[key] = value.to(device=param.device, dtype=compute_dtype(param.dtype))
+        out[key] = value.to(device=param.device, dtype=ref.dtype)
     return out
+
+
+def _convert_momentum(
+    entry: dict[str, Any], expected: dict[str, Tensor], saved_block: int, block: int, pid: Any
+) -> dict[str, Any]:
+    """Re-encode a saved momentum (float, bf16 or int8) into the storage ``expected`` has."""
+    exp_avg = entry.get("exp_avg")
+    if not isinstance(exp_avg, Tensor):
+        return entry  # reported by the key/shape checks
+    saved_int8 = exp_avg.dtype == torch.int8
+    want_int8 = expected["exp_avg"].dtype == torch.int8
+    if not saved_int8 and not want_int8:
+        return entry  # a cast, done with the others
+    entry = dict(entry)
+    if exp_avg.shape != expected["exp_avg"].shape:
+        return entry  # reported by the shape check
+    if saved_int8:
+        absmax = entry.pop("exp_avg_absmax", None)
+        if not isinstance(absmax, Tensor) or absmax.numel() != -(-exp_avg.numel() // saved_block):
+            raise ValueError(
+                f"int8 momentum of parameter {pid!r} has no matching 'exp_avg_absmax' for "
+                f"block size {saved_block}"
+            )
+        momentum = dequantize_blockwise(exp_avg, absmax.float(), saved_block)
+    else:
+        momentum = exp_avg.float()
+    if want_int8:
+        entry["exp_avg"], entry["exp_avg_absmax"] = quantize_blockwise(momentum, block)
+    else:
+        entry["exp_avg"] = momentum
+    return entry
 
 
 def _first_step_checks(optimizer: CAME) -> bool:

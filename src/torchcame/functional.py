@@ -12,9 +12,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._factored import col_shape, is_factored, row_shape
+from ._factored import col_shape, factored_dims, factored_layout, row_shape
 from ._impl.common import StepArgs, compute_dtype
 from ._impl.reference import step_single_tensor
+from .lowbit import n_blocks, normalize_momentum_dtype
 
 __all__ = ["came", "init_state", "STATE_KEYS"]
 
@@ -27,10 +28,19 @@ STATE_KEYS = (
     "exp_avg_res_row",
     "exp_avg_res_col",
     "exp_avg_sq",
+    "exp_avg_absmax",  # int8 momentum only (not in the authors' package)
 )
 
 
-def init_state(param: Tensor) -> dict[str, Tensor]:
+def init_state(
+    param: Tensor,
+    *,
+    momentum_dtype: torch.dtype | str = torch.float32,
+    block_size: int = 256,
+    min_quantized_numel: int = 4096,
+    factor_dims: str = "last_two",
+    factor_min_dim: int = 1,
+) -> dict[str, Tensor]:
     """A fresh (all-zero) CAME state for ``param``.
 
     Matrices (``ndim >= 2``) get ``exp_avg`` (m) and the factored statistics ``exp_avg_sq_row``/
@@ -39,24 +49,44 @@ def init_state(param: Tensor) -> dict[str, Tensor]:
     Statistics are float32 for float16/bfloat16 parameters, else the parameter's dtype.
     For a DTensor parameter (FSDP2) every statistic is a DTensor laid out for its sharding
     (see :func:`torchcame.distributed.init_state_dtensor`).
+
+    ``momentum_dtype`` (``torch.float32``, ``torch.bfloat16`` or ``"int8"``) sets how ``m`` is
+    stored; int8 momentum is ``exp_avg`` (int8 codes) plus ``exp_avg_absmax`` (one float32
+    scale per ``block_size`` elements), and applies only to tensors of at least
+    ``min_quantized_numel`` elements (smaller ones keep the compute dtype). ``factor_dims``/
+    ``factor_min_dim`` choose the factored dims (:func:`torchcame._factored.factored_dims`).
     """
+    mode = normalize_momentum_dtype(momentum_dtype)
     if _has_dtensor([param]):
+        if mode != "float32" or factor_dims != "last_two":
+            raise NotImplementedError(
+                "momentum_dtype other than float32 and factor_dims other than 'last_two' are "
+                "not supported for DTensor (FSDP2) parameters yet"
+            )
         from .distributed import init_state_dtensor
 
         return init_state_dtensor(param)
     dtype = compute_dtype(param.dtype)
     shape = param.shape
 
-    def zeros(s: Sequence[int]) -> Tensor:
+    def zeros(s: Sequence[int], dtype: torch.dtype = dtype) -> Tensor:
         return torch.zeros(s, dtype=dtype, device=param.device)
 
     state: dict[str, Tensor] = {"step": torch.tensor(0.0, dtype=torch.float32)}
-    state["exp_avg"] = zeros(shape)
-    if is_factored(shape):
-        state["exp_avg_sq_row"] = zeros(row_shape(shape))
-        state["exp_avg_sq_col"] = zeros(col_shape(shape))
-        state["exp_avg_res_row"] = zeros(row_shape(shape))
-        state["exp_avg_res_col"] = zeros(col_shape(shape))
+    if mode == "int8" and param.numel() >= min_quantized_numel:
+        state["exp_avg"] = zeros(shape, torch.int8)
+        state["exp_avg_absmax"] = zeros((n_blocks(param.numel(), block_size),), torch.float32)
+    elif mode == "bfloat16":
+        state["exp_avg"] = zeros(shape, torch.bfloat16)
+    else:
+        state["exp_avg"] = zeros(shape)
+    dims = factored_dims(shape, factor_dims, factor_min_dim)
+    if dims is not None:
+        layout = factored_layout(shape, dims)
+        state["exp_avg_sq_row"] = zeros(row_shape(layout))
+        state["exp_avg_sq_col"] = zeros(col_shape(layout))
+        state["exp_avg_res_row"] = zeros(row_shape(layout))
+        state["exp_avg_res_col"] = zeros(col_shape(layout))
     else:
         state["exp_avg_sq"] = zeros(shape)
     return state
@@ -86,6 +116,11 @@ def came(
     maximize: bool = False,
     foreach: bool | None = None,
     fused: bool | None = None,
+    block_size: int = 256,
+    stochastic_rounding: bool = False,
+    bias_correction: bool = False,
+    factor_dims: str = "last_two",
+    factor_min_dim: int = 1,
 ) -> None:
     """One CAME step for each ``(param, grad, state)``, in place (no autograd).
 
@@ -96,6 +131,11 @@ def came(
         lr, betas, eps, clip_threshold, weight_decay, maximize: as in :class:`torchcame.CAME`.
         foreach, fused: implementation choice; ``None`` picks the fastest one that supports
             the inputs.
+        block_size, stochastic_rounding, bias_correction, factor_dims, factor_min_dim: the
+            opt-in extensions of :class:`torchcame.CAME` (``factor_dims``/``factor_min_dim``
+            and the momentum storage must match how ``states`` were built by
+            :func:`init_state`). Only the reference implementation has them: a step that
+            uses one, or low-precision momentum, runs there whatever ``foreach``/``fused`` say.
 
     Hyperparameters are not validated here; :class:`torchcame.CAME` validates them.
     """
@@ -113,9 +153,16 @@ def came(
         clip_threshold=clip_threshold,
         weight_decay=weight_decay,
         maximize=maximize,
+        block_size=block_size,
+        stochastic_rounding=stochastic_rounding,
+        bias_correction=bias_correction,
+        factor_dims=factor_dims,
+        factor_min_dim=factor_min_dim,
     )
     impl = _resolve_impl(params, foreach, fused)
     params, grads, states = list(params), list(grads), list(states)
+    if impl != "reference" and (args.extended or _has_lowbit_momentum(states)):
+        impl = "reference"
     with torch.no_grad():
         if _has_dtensor(params):
             from .distributed import step_dtensor
@@ -131,6 +178,13 @@ def came(
             from ._impl.fused import step_fused
 
             step_fused(params, grads, states, args)
+
+
+def _has_lowbit_momentum(states: Sequence[dict]) -> bool:
+    """Whether any state stores its momentum below the compute dtype (bf16 or int8)."""
+    return any(
+        "exp_avg_absmax" in s or s["exp_avg"].dtype == torch.bfloat16 for s in states
+    )
 
 
 def _has_dtensor(tensors: Sequence[Tensor]) -> bool:

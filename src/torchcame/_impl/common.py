@@ -29,3 +29,14 @@ class StepArgs:
     clip_threshold: float
     weight_decay: float
     maximize: bool = False
+    # opt-in extensions (defaults reproduce the paper's rule exactly)
+    block_size: int = 256  # elements per scale of int8 momentum
+    stochastic_rounding: bool = False  # bf16/fp16 params: round the new weight stochastically
+    bias_correction: bool = False  # Adam-style bias correction of m, v and the instability
+    factor_dims: str = "last_two"  # which two dims a >= 2-d tensor is factored over
+    factor_min_dim: int = 1  # "largest" policy: factor only if both dims are at least this
+
+    @property
+    def extended(self) -> bool:
+        """Whether an opt-in option that changes the step's arithmetic is on."""
+        return self.stochastic_rounding or self.bias_correction or self.factor_dims != "last_two"

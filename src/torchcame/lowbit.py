@@ -1,0 +1,142 @@
+"""Low-precision optimizer state and parameters: block-wise 8-bit / bf16 momentum, stochastic
+rounding.
+
+CAME's only full-size state is the momentum ``m``; every other statistic is O(n + m) and stays
+float32. ``momentum_dtype`` chooses how ``m`` is stored between steps:
+
+* ``torch.float32`` (default): as the reference does (the parameter's compute dtype).
+* ``torch.bfloat16``: rounded to nearest bf16 after each step (2 bytes per element).
+* ``"int8"``: block-wise absmax quantization over blocks of ``block_size`` consecutive
+  elements of the flattened tensor, one float32 scale per block (Dettmers et al., "8-bit
+  Optimizers via Block-wise Quantization", ICLR 2022). A code ``q`` in [-127, 127] stands for
+  ``q / 127 * absmax``; the error of any element is at most ``absmax / 254`` of its block.
+
+The math of a step always runs on a float32 copy of ``m``: the instability ``(û - m)²`` and the
+update ``m / sqrt(Ŝ)`` use this step's float32 ``m`` before it is stored back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "MOMENTUM_DTYPES",
+    "normalize_momentum_dtype",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "load_momentum",
+    "store_momentum_",
+    "stochastic_round_",
+]
+
+#: Accepted values of ``momentum_dtype`` (strings are accepted for the float dtypes too).
+MOMENTUM_DTYPES = ("float32", "bfloat16", "int8")
+
+_QMAX = 127.0
+
+
+def normalize_momentum_dtype(value: object) -> str:
+    """Map ``torch.float32``/``"float32"``/``torch.bfloat16``/``"bf16"``/``"int8"`` to a name.
+
+    Raises:
+        ValueError: for anything else (named in the message).
+    """
+    aliases = {
+        torch.float32: "float32", "float32": "float32", "fp32": "float32",
+        torch.bfloat16: "bfloat16", "bfloat16": "bfloat16", "bf16": "bfloat16",
+        torch.int8: "int8", "int8": "int8", "8bit": "int8",
+    }
+    try:
+        return aliases[value]  # type: ignore[index]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"Invalid momentum_dtype: {value!r}; expected torch.float32, torch.bfloat16 or 'int8'"
+        ) from None
+
+
+def _blocks(x: Tensor, block_size: int) -> Tensor:
+    """``x`` flattened and zero-padded to a ``(n_blocks, block_size)`` view."""
+    flat = x.reshape(-1)
+    pad = (-flat.numel()) % block_size
+    if pad:
+        flat = F.pad(flat, (0, pad))
+    return flat.view(-1, block_size)
+
+
+def n_blocks(numel: int, block_size: int) -> int:
+    """Number of quantization blocks of a tensor with ``numel`` elements."""
+    return math.ceil(numel / block_size)
+
+
+def quantize_blockwise(x: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """Quantize ``x`` to int8 codes of its shape and one float32 absmax per block.
+
+    Rounds to nearest; all-zero blocks get scale 0 and codes 0.
+    """
+    blocks = _blocks(x.float(), block_size)
+    absmax = blocks.abs().amax(dim=1)
+    inv_scale = torch.where(absmax > 0, _QMAX / absmax, torch.zeros_like(absmax))
+    codes = (blocks * inv_scale.unsqueeze(1)).round_().clamp_(-_QMAX, _QMAX).to(torch.int8)
+    return codes.reshape(-1)[: x.numel()].view(x.shape), absmax
+
+
+def dequantize_blockwise(codes: Tensor, absmax: Tensor, block_size: int) -> Tensor:
+    """Inverse of :func:`quantize_blockwise`: a float32 tensor of ``codes``' shape."""
+    blocks = _blocks(codes, block_size).float()
+    values = blocks.mul_((absmax / _QMAX).unsqueeze(1))
+    return values.reshape(-1)[: codes.numel()].view(codes.shape)
+
+
+def load_momentum(state: dict, dtype: torch.dtype, block_size: int) -> Tensor:
+    """The momentum ``m`` as a ``dtype`` tensor to compute with.
+
+    For float32/float64 storage this is the state tensor itself (updated in place); for
+    bf16 and int8 storage it is a new tensor to be written back by :func:`store_momentum_`.
+    """
+    exp_avg = state["exp_avg"]
+    if exp_avg.dtype == torch.int8:
+        return dequantize_blockwise(exp_avg, state["exp_avg_absmax"], block_size).to(dtype)
+    if exp_avg.dtype != dtype:
+        return exp_avg.to(dtype)
+    return exp_avg
+
+
+def store_momentum_(state: dict, momentum: Tensor, block_size: int) -> None:
+    """Write the float ``momentum`` back into the state's storage format (no-op if shared)."""
+    exp_avg = state["exp_avg"]
+    if momentum is exp_avg:
+        return
+    if exp_avg.dtype == torch.int8:
+        codes, absmax = quantize_blockwise(momentum, block_size)
+        exp_avg.copy_(codes)
+        state["exp_avg_absmax"].copy_(absmax)
+    else:
+        exp_avg.copy_(momentum)
+
+
+def stochastic_round_(dst: Tensor, src: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Round float32 ``src`` into lower-precision ``dst`` stochastically, in place.
+
+    Each element becomes one of its two neighbours in ``dst.dtype`` with probabilities
+    proportional to closeness, so ``E[dst] == src``: updates far below the format's resolution
+    (and weight decay) survive in expectation instead of vanishing as with round-to-nearest.
+    Works for bfloat16 and float16 (any floating dtype coarser than float32).
+    """
+    src = src.float()
+    nearest = src.to(dst.dtype)
+    near32 = nearest.float()
+    # the other neighbour: one step of dst.dtype away from `nearest`, towards src
+    direction = torch.where(src > near32, torch.full_like(near32, math.inf),
+                            torch.full_like(near32, -math.inf))
+    other = torch.nextafter(nearest, direction.to(dst.dtype))
+    other32 = other.float()
+    gap = other32 - near32
+    # probability of taking `other` = distance from nearest / gap (0 when exact)
+    p_other = torch.where(gap != 0, (src - near32) / gap, torch.zeros_like(src))
+    u = torch.rand(src.shape, generator=generator, device=src.device, dtype=torch.float32)
+    choose_other = (u < p_other) & torch.isfinite(other32)
+    return dst.copy_(torch.where(choose_other, other, nearest))

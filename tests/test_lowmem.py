@@ -1,0 +1,245 @@
+"""Low-memory options: bf16 / block-wise int8 momentum, stochastic rounding, step in backward."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from conftest import clone_params, make_params, random_grads
+
+from torchcame import CAME, step_in_backward
+from torchcame.lowbit import (
+    dequantize_blockwise,
+    quantize_blockwise,
+    stochastic_round_,
+)
+
+BIG = [(96, 64), (5000,), (40, 3, 50)]  # >= 4096 elements: quantized
+SMALL = [(8, 8), (30,)]  # below the threshold: stay float32
+
+
+def _run(params, steps, **kwargs):
+    opt = CAME(params, lr=1e-2, weight_decay=0.01, **kwargs)
+    for t in range(steps):
+        for p, g in zip(params, random_grads(params, t)):
+            p.grad = g
+        opt.step()
+    return opt
+
+
+# ---------------------------------------------------------------- block-wise quantization
+
+
+@pytest.mark.parametrize("block", [64, 256, 1000])
+def test_blockwise_quantization_error_bound(block):
+    x = torch.randn(7, 333) * torch.logspace(-3, 1, 333)  # varied magnitudes, ragged tail
+    codes, absmax = quantize_blockwise(x, block)
+    assert codes.dtype == torch.int8 and codes.shape == x.shape
+    assert absmax.dtype == torch.float32 and absmax.numel() == -(-x.numel() // block)
+    err = (dequantize_blockwise(codes, absmax, block) - x).reshape(-1)
+    bound = (absmax / 254).repeat_interleave(block)[: x.numel()]
+    assert (err.abs() <= bound * (1 + 1e-5) + 1e-12).all()
+    zeros, zmax = quantize_blockwise(torch.zeros(10), 4)
+    assert torch.equal(dequantize_blockwise(zeros, zmax, 4), torch.zeros(10))
+
+
+# ---------------------------------------------------------------- momentum storage
+
+
+@pytest.mark.parametrize("mode", [torch.bfloat16, "int8"])
+def test_lowbit_momentum_layout(mode):
+    params = make_params(BIG + SMALL)
+    opt = _run(params, 2, momentum_dtype=mode)
+    for p in params:
+        state = opt.state[p]
+        if mode == "int8" and p.numel() >= 4096:
+            assert state["exp_avg"].dtype == torch.int8
+            assert state["exp_avg_absmax"].shape == (-(-p.numel() // 256),)
+        elif mode == "int8":
+            assert state["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in state
+        else:
+            assert state["exp_avg"].dtype == torch.bfloat16
+        for key in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_sq"):
+            if key in state:
+                assert state[key].dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode", [torch.bfloat16, "int8"])
+def test_first_step_uses_float_momentum_before_requantization(mode):
+    """Step 1 from zero state: only the *stored* m is rounded, the update is float32's."""
+    params = make_params(BIG)
+    ref = clone_params(params)
+    _run(params, 1, momentum_dtype=mode)
+    _run(ref, 1)
+    for p, q in zip(params, ref):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("mode, rel", [(torch.bfloat16, 0.02), ("int8", 0.05)])
+def test_lowbit_trajectory_stays_close_to_float32(mode, rel):
+    params = make_params(BIG)
+    ref = clone_params(params)
+    start = [p.detach().clone() for p in params]
+    opt = _run(params, 30, momentum_dtype=mode)
+    opt_ref = _run(ref, 30)
+    for p, q, p0 in zip(params, ref, start):
+        moved = (q - p0).norm()
+        assert (p - q).norm() <= rel * moved
+        m_ref = opt_ref.state[q]["exp_avg"]
+        st = opt.state[p]
+        m = (dequantize_blockwise(st["exp_avg"], st["exp_avg_absmax"], 256)
+             if "exp_avg_absmax" in st else st["exp_avg"].float())
+        assert (m - m_ref).norm() <= 2 * rel * m_ref.norm()
+
+
+def _save_load(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_int8_state_dict_round_trip_and_exact_resume():
+    params = make_params(BIG)
+    opt = _run(params, 3, momentum_dtype="int8")
+    sd = _save_load(opt.state_dict())
+    resumed = clone_params(params)
+    opt2 = CAME(resumed, lr=1e-2, weight_decay=0.01, momentum_dtype="int8")
+    opt2.load_state_dict(sd)
+    for t in range(3, 6):
+        for ps, o in ((params, opt), (resumed, opt2)):
+            for p, g in zip(ps, random_grads(ps, t)):
+                p.grad = g
+            o.step()
+    for p, q in zip(params, resumed):
+        assert torch.equal(p, q)
+
+
+def test_float32_checkpoint_converts_into_int8_and_back():
+    params = make_params(BIG + SMALL)
+    fp32 = _run(params, 3)
+    int8 = CAME(clone_params(params), lr=1e-2, momentum_dtype="int8")
+    int8.load_state_dict(fp32.state_dict())
+    assert int8.param_groups[0]["momentum_dtype"] == "int8"  # keeps its own layout
+    for p, q in zip(params, int8.param_groups[0]["params"]):
+        m = fp32.state[p]["exp_avg"]
+        st = int8.state[q]
+        if p.numel() >= 4096:
+            codes, absmax = quantize_blockwise(m, 256)
+            assert torch.equal(st["exp_avg"], codes) and torch.equal(st["exp_avg_absmax"], absmax)
+        else:
+            assert torch.equal(st["exp_avg"], m)
+    back = CAME(clone_params(params), lr=1e-2)
+    back.load_state_dict(int8.state_dict())
+    for p, q in zip(int8.param_groups[0]["params"], back.param_groups[0]["params"]):
+        st = int8.state[p]
+        expected = (dequantize_blockwise(st["exp_avg"], st["exp_avg_absmax"], 256)
+                    if "exp_avg_absmax" in st else st["exp_avg"])
+        assert back.state[q]["exp_avg"].dtype == torch.float32
+        assert torch.equal(back.state[q]["exp_avg"], expected)
+        assert "exp_avg_absmax" not in back.state[q]
+
+
+def test_bad_lowbit_options_raise():
+    (p,) = make_params([(3, 4)])
+    with pytest.raises(ValueError, match="momentum_dtype"):
+        CAME([p], momentum_dtype=torch.float16)
+    with pytest.raises(ValueError, match="quantization_block_size"):
+        CAME([p], quantization_block_size=0)
+    with pytest.raises(TypeError, match="stochastic_rounding"):
+        CAME([p], stochastic_rounding=None)
+    with pytest.raises(ValueError, match="factor_dims"):
+        CAME([p], factor_dims="first_two")
+
+
+# ---------------------------------------------------------------- stochastic rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_is_unbiased(dtype):
+    x = torch.full((200_000,), 1.0) + 3e-4 * torch.rand(200_000)
+    out = torch.empty(200_000, dtype=dtype)
+    stochastic_round_(out, x, generator=torch.Generator().manual_seed(1234))  # not x's seed
+    assert abs(out.float().mean() - x.mean()) < 2e-5
+    assert abs(x.to(dtype).float().mean() - x.mean()) > 1e-4  # nearest is biased here
+    # each value lands on one of its two neighbours
+    assert ((out.float() - x).abs() <= 2 * torch.finfo(dtype).eps).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weight_decay_survives_in_bf16_only_with_stochastic_rounding(dtype):
+    """Zero gradients: the float32 step is exactly theta * (1 - lr * wd), far below bf16's
+    resolution at 1.0. Round-to-nearest loses it; stochastic rounding keeps it on average."""
+    n = 65536
+    results = {}
+    for sr in (False, True):
+        p = torch.ones(n, dtype=dtype, requires_grad=True)
+        opt = CAME([p], lr=1e-3, weight_decay=0.1, stochastic_rounding=sr)
+        torch.manual_seed(0)
+        for _ in range(3):
+            p.grad = torch.zeros_like(p)
+            opt.step()
+        results[sr] = p.detach().float().mean().item()
+    expected = (1 - 1e-4) ** 3
+    assert results[False] == 1.0
+    assert abs(results[True] - expected) < 3e-5
+
+
+def test_stochastic_rounding_leaves_float32_params_alone():
+    params = make_params([(5, 6), (7,)])
+    ref = clone_params(params)
+    _run(params, 5, stochastic_rounding=True)
+    _run(ref, 5)
+    for p, q in zip(params, ref):
+        assert torch.equal(p, q)
+
+
+# ---------------------------------------------------------------- step in backward
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.LayerNorm(16),
+                               torch.nn.Linear(16, 3))
+
+
+def test_step_in_backward_equals_normal_step_with_scheduler():
+    a, b = _model(), _model()
+    opt_a = CAME(a.parameters(), lr=1e-2, weight_decay=0.01)
+    opt_b = CAME(b.parameters(), lr=1e-2, weight_decay=0.01)
+    sched_a = torch.optim.lr_scheduler.StepLR(opt_a, step_size=3, gamma=0.5)
+    sched_b = torch.optim.lr_scheduler.StepLR(opt_b, step_size=3, gamma=0.5)
+    handle = step_in_backward(opt_b)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(8):
+        x, y = torch.randn(32, 6, generator=gen), torch.randn(32, 3, generator=gen)
+        torch.nn.functional.mse_loss(a(x), y).backward()
+        opt_a.step()
+        opt_a.zero_grad()
+        sched_a.step()
+        torch.nn.functional.mse_loss(b(x), y).backward()
+        assert all(p.grad is None for p in b.parameters())  # released during backward
+        opt_b.step()  # a no-op now
+        sched_b.step()
+    handle.remove()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    sd_a, sd_b = opt_a.state_dict(), opt_b.state_dict()
+    for k in sd_a["state"]:
+        for key in sd_a["state"][k]:
+            assert torch.equal(sd_a["state"][k][key], sd_b["state"][k][key])
+
+
+def test_step_in_backward_remove_restores_normal_stepping():
+    m = _model()
+    opt = CAME(m.parameters(), lr=1e-2)
+    with step_in_backward(opt):
+        m(torch.randn(4, 6)).sum().backward()
+    m(torch.randn(4, 6)).sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_step_in_backward_refuses_other_optimizers():
+    with pytest.raises(TypeError, match="CAME"):
+        step_in_backward(torch.optim.SGD(_model().parameters(), lr=0.1))
