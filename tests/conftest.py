@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -33,3 +35,11 @@ def random_grads(params, step: int, seed: int = 1, scale: float = 1.0):
         (scale * torch.randn(p.shape, generator=gen, dtype=torch.float64)).to(p.dtype)
         for p in params
     ]
+
+
+def save_load(obj):
+    """``obj`` after a ``torch.save``/``torch.load(weights_only=True)`` round trip."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)

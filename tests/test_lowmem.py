@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
-from conftest import clone_params, make_params, random_grads
+from conftest import clone_params, make_params, random_grads, save_load
 
 from torchcame import CAME, step_in_backward
 from torchcame.lowbit import (
@@ -93,17 +91,11 @@ def test_lowbit_trajectory_stays_close_to_float32(mode, rel):
         assert (m - m_ref).norm() <= 2 * rel * m_ref.norm()
 
 
-def _save_load(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
 
 def test_int8_state_dict_round_trip_and_exact_resume():
     params = make_params(BIG)
     opt = _run(params, 3, momentum_dtype="int8")
-    sd = _save_load(opt.state_dict())
+    sd = save_load(opt.state_dict())
     resumed = clone_params(params)
     opt2 = CAME(resumed, lr=1e-2, weight_decay=0.01, momentum_dtype="int8")
     opt2.load_state_dict(sd)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
-from conftest import clone_params, make_params, random_grads
+from conftest import clone_params, make_params, random_grads, save_load
 
 from torchcame import CAME
 
@@ -22,19 +20,13 @@ def _step(opt, params, t):
     opt.step()
 
 
-def _save_load(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
 
 def test_round_trip_keeps_every_state_tensor():
     params = make_params(SHAPES)
     opt = CAME(params, **HP)
     for t in range(5):
         _step(opt, params, t)
-    sd = _save_load(opt.state_dict())
+    sd = save_load(opt.state_dict())
     other = CAME(clone_params(params), lr=1.0)
     other.load_state_dict(sd)
     assert other.param_groups[0]["lr"] == HP["lr"]
@@ -50,7 +42,7 @@ def test_resume_is_bitwise_identical_to_uninterrupted_run():
     opt = CAME(params, **HP)
     for t in range(8):
         _step(opt, params, t)
-    checkpoint = _save_load({"params": [p.detach() for p in params], "opt": opt.state_dict()})
+    checkpoint = save_load({"params": [p.detach() for p in params], "opt": opt.state_dict()})
     for t in range(8, 20):
         _step(opt, params, t)
 
@@ -68,7 +60,7 @@ def test_reference_package_checkpoint_loads_and_continues_identically():
     ref = came_pytorch.CAME(theirs, **HP)
     for t in range(6):
         _step(ref, theirs, t)
-    sd = _save_load(ref.state_dict())
+    sd = save_load(ref.state_dict())
     assert any("RMS" in s for s in sd["state"].values())  # the unused entry is there ...
 
     ours = clone_params(theirs)
@@ -140,7 +132,7 @@ def test_bf16_param_state_stays_float32_on_load():
     for t in range(4):
         _step(opt, params, t)
     other = CAME(clone_params(params), **HP)
-    other.load_state_dict(_save_load(opt.state_dict()))
+    other.load_state_dict(save_load(opt.state_dict()))
     for p, q in zip(params, other.param_groups[0]["params"]):
         for k, v in opt.state[p].items():
             assert other.state[q][k].dtype == v.dtype
