@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 
 from ..came import CAME
 
-__all__ = ["LAMB", "DEFAULT_LR", "OPTIMIZERS", "build_optimizer", "lamb_step"]
+__all__ = ["LAMB", "CAME_VARIANTS", "DEFAULT_LR", "OPTIMIZERS", "build_optimizer", "lamb_step"]
 
 #: customary peak learning rate of each optimizer for a small transformer
 DEFAULT_LR: dict[str, float] = {
@@ -30,6 +30,15 @@ DEFAULT_LR: dict[str, float] = {
     "adafactor": 1e-2,
     "lamb": 5e-3,
 }
+
+#: CAME with opt-in options, by name (same default lr as ``came``): 8-bit / bf16 momentum,
+#: bias correction.
+CAME_VARIANTS: dict[str, dict[str, Any]] = {
+    "came-bf16": {"momentum_dtype": torch.bfloat16},
+    "came-int8": {"momentum_dtype": "int8"},
+    "came-bc": {"bias_correction": True},
+}
+DEFAULT_LR.update({name: DEFAULT_LR["came"] for name in CAME_VARIANTS})
 
 OPTIMIZERS = tuple(DEFAULT_LR)
 
@@ -169,8 +178,8 @@ def build_optimizer(
     if key not in DEFAULT_LR:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     lr = DEFAULT_LR[key] if lr is None else float(lr)
-    if key == "came":
-        return CAME(params, lr=lr, weight_decay=weight_decay)
+    if key == "came" or key in CAME_VARIANTS:
+        return CAME(params, lr=lr, weight_decay=weight_decay, **CAME_VARIANTS.get(key, {}))
     if key == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if key == "adafactor":
