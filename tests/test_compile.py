@@ -1,0 +1,130 @@
+"""CAME with ``torch.compile``: a compiled model, and a compiled optimizer step.
+
+Compiled code fuses and reorders float32 arithmetic, so compiled runs are compared with eager
+runs to ``rtol=1e-5, atol=1e-6`` after 6 steps (observed: a few 1e-7). The compiled step must
+not recompile per step when a scheduler changes a tensor lr: every graph is compiled by the
+second step (the first step creates the state, which changes the guards once).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from torchcame import CAME
+
+STEPS = 6
+RTOL, ATOL = 1e-5, 1e-6
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(torch, "compile") or not torch._dynamo.is_dynamo_supported(),
+    reason="torch.compile is not supported here",
+)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 4))
+
+
+def _batches():
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(6, 8, generator=gen), torch.randn(6, 4, generator=gen))
+            for _ in range(STEPS)]
+
+
+def _schedule(opt):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 2) * 0.8**s)
+
+
+def _train(model, opt, sched, step_fn=None) -> None:
+    step_fn = step_fn or (lambda: (opt.step(), sched.step()))
+    for x, y in _batches():
+        nn.functional.mse_loss(model(x), y).backward()
+        step_fn()
+        opt.zero_grad()
+
+
+def _assert_close_models(a: nn.Module, b: nn.Module) -> None:
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=RTOL, atol=ATOL, msg=name)
+
+
+@pytest.mark.slow  # ~20 s on 2 cores: compiles forward and backward
+def test_compiled_model_trains_with_came() -> None:
+    """``torch.compile(model)`` + CAME (eager step) == the eager model + CAME."""
+    eager = _mlp()
+    opt = CAME(eager.parameters(), lr=1e-2, weight_decay=0.1)
+    _train(eager, opt, _schedule(opt))
+
+    model = _mlp()
+    compiled = torch.compile(model)
+    opt = CAME(compiled.parameters(), lr=1e-2, weight_decay=0.1)
+    _train(compiled, opt, _schedule(opt))
+    _assert_close_models(model, eager)
+    assert all(float(s["step"]) == STEPS for s in opt.state.values())
+
+
+@pytest.mark.parametrize(
+    "impl",
+    [
+        pytest.param({"foreach": False, "fused": False}, id="reference"),
+        pytest.param({"foreach": True}, id="foreach", marks=pytest.mark.slow),  # ~25 s
+    ],
+)
+def test_compiled_step_with_tensor_lr_scheduler(impl: dict) -> None:
+    """``@torch.compile def step(): opt.step(); sched.step()`` with a tensor lr: same result
+    as eager, and no recompilation after the first step although lr changes every step."""
+    eager = _mlp()
+    opt = CAME(eager.parameters(), lr=torch.tensor(1e-2), weight_decay=0.1, **impl)
+    _train(eager, opt, _schedule(opt))
+
+    model = _mlp()
+    opt = CAME(model.parameters(), lr=torch.tensor(1e-2), weight_decay=0.1, **impl)
+    sched = _schedule(opt)
+
+    @torch.compile
+    def step() -> None:
+        opt.step()
+        sched.step()
+
+    graphs = []
+    for x, y in _batches():
+        nn.functional.mse_loss(model(x), y).backward()
+        step()
+        opt.zero_grad()
+        graphs.append(_graphs())
+    assert graphs[0] > 0, "nothing was compiled"
+    assert graphs[2:] == [graphs[1]] * (STEPS - 2), f"recompiled while lr changed: {graphs}"
+    _assert_close_models(model, eager)
+
+
+def test_compiled_step_float_lr_constant() -> None:
+    """A float lr that does not change compiles once and matches eager (with a changing
+    float lr, use a tensor: see docs/integrations.md)."""
+    eager = _mlp()
+    opt = CAME(eager.parameters(), lr=1e-2, weight_decay=0.1)
+    _train(eager, opt, None, step_fn=opt.step)
+
+    model = _mlp()
+    opt = CAME(model.parameters(), lr=1e-2, weight_decay=0.1)
+    compiled_step = torch.compile(opt.step)
+    _train(model, opt, None, step_fn=compiled_step)
+    _assert_close_models(model, eager)
