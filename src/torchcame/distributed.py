@@ -434,9 +434,14 @@ def _all_reduce_partials(steps: list[_ParamStep]) -> int:
     for s in steps:
         for t in s.partials:
             buckets.setdefault((s.group, t.dtype, t.device), []).append(t)
-    for (group, _, _), tensors in buckets.items():
+    for (group, _, device), tensors in buckets.items():
         flat = torch.cat([t.reshape(-1) for t in tensors])
+        if device.type == "cpu" and "nccl" in str(dist.get_backend(group)):
+            # FSDP2 CPU offload keeps shards (and so the partial sums) on the CPU; NCCL needs
+            # them on the GPU. Buffers are tiny (O(rows + cols) per parameter).
+            flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        flat = flat.to(device)
         offset = 0
         for t in tensors:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
