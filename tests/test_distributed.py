@@ -16,6 +16,7 @@ script (``python tests/test_distributed.py --rank R --world-size W --port P --ou
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import socket
 import subprocess
@@ -114,6 +115,7 @@ def snapshot(model: nn.Module, optim) -> dict:
 # ----------------------------------------------------------------------- reference (single)
 
 
+@functools.lru_cache(maxsize=4)
 def reference_run(steps: int) -> dict:
     from torchcame import CAME
 
@@ -148,12 +150,12 @@ def assert_close_rel(got: dict, ref: dict, rtol: float = RTOL) -> None:
 # ---------------------------------------------------------------------------------- worker
 
 
-def _fsdp_model(seed: int = 0):
+def _fsdp_model(seed: int = 0, mesh=None):
     from torch.distributed.fsdp import fully_shard
 
     model = make_net(seed)
-    fully_shard(model.fc1)
-    fully_shard(model)
+    fully_shard(model.fc1, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
@@ -239,6 +241,45 @@ def _scenario_resume(rank, world, out: Path, ckpt: Path) -> None:
         snap["fresh_state"] = fresh
         snap["n_state"] = len(optim.state)
         torch.save(snap, out / f"resume_w{world}.pt")
+
+
+def _scenario_hsdp(rank, world, out: Path) -> None:
+    """HSDP: a 2-D mesh (replicate 1 x shard W), placements (Replicate(), Shard(0))."""
+    from torch.distributed.tensor import init_device_mesh
+
+    from torchcame import CAME
+
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
+    model = _fsdp_model(mesh=mesh)
+    optim = CAME(param_groups(model), **HYPER)
+    _train(model, optim, rank, world, STEPS)
+    snap = snapshot(model, optim)
+    if rank == 0:
+        snap["placements"] = str(model.fc1.weight.placements)
+        torch.save(snap, out / f"hsdp_w{world}.pt")
+
+
+def _scenario_from_single(rank, world, out: Path) -> None:
+    """A single-process checkpoint (plain optimizer.state_dict()) loads into FSDP2's CAME."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from torchcame import CAME
+
+    single = make_net()
+    single_optim = CAME(param_groups(single), **HYPER)
+    for step in range(STEPS):
+        loss_fn(single, *batch(step)).backward()
+        single_optim.step()
+        single_optim.zero_grad()
+    model = _fsdp_model(seed=123)
+    optim = CAME(param_groups(model), **HYPER)
+    set_model_state_dict(model, single.state_dict(),
+                         options=StateDictOptions(full_state_dict=True))
+    optim.load_state_dict(single_optim.state_dict())
+    _train(model, optim, rank, world, RESUME_STEPS, start=STEPS)
+    snap = snapshot(model, optim)
+    if rank == 0:
+        torch.save(snap, out / f"from_single_w{world}.pt")
 
 
 def _scenario_placements(rank, world, out: Path) -> None:
@@ -381,6 +422,8 @@ def worker(rank: int, world: int, port: int, out: Path, mode: str) -> None:
         if mode == "main":
             _scenario_fsdp(rank, world, out, save_ckpt=world == 2)
             _scenario_placements(rank, world, out)
+            _scenario_hsdp(rank, world, out)
+            _scenario_from_single(rank, world, out)
             _scenario_count(rank, world, out)
             _scenario_errors(rank, world, out)
             _scenario_ddp(rank, world, out)
@@ -452,6 +495,22 @@ def test_fsdp2_equals_single_process(runs, reference, world):
     got = _load(runs / f"w{world}" / f"fsdp_w{world}.pt")
     assert_close_rel(got["params"], reference["params"])
     assert_close_rel(got["state"], reference["state"])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_hsdp_equals_single_process(runs, reference, world):
+    got = _load(runs / f"w{world}" / f"hsdp_w{world}.pt")
+    assert got["placements"] == "(Replicate(), Shard(dim=0))"
+    assert_close_rel(got["params"], reference["params"])
+    assert_close_rel(got["state"], reference["state"])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_single_process_checkpoint_loads_into_fsdp2(runs, world):
+    got = _load(runs / f"w{world}" / f"from_single_w{world}.pt")
+    ref = reference_run(STEPS + RESUME_STEPS)
+    assert_close_rel(got["params"], ref["params"])
+    assert_close_rel(got["state"], ref["state"])
 
 
 @pytest.mark.parametrize("world", [2, 3])
