@@ -1,0 +1,446 @@
+"""The native CPU kernel of the fused CAME step (C++ source, compiled just in time).
+
+:func:`load_kernel` compiles the source below with ``torch.utils.cpp_extension.load_inline``
+the first time it is needed (about a minute; cached per user afterwards, keyed by the source,
+the flags and the CPU's vector capability) and returns the module, or ``None`` with a reason
+when there is no working compiler.
+
+One factored tensor of shape ``(B, n, m)`` (leading dims flattened) is stepped in four
+passes over its rows, parallel over rows with ``at::parallel_for``:
+
+1. read g: row sums and (per-thread) column sums of ``G = g^2 + eps1`` -> r, c, and the
+   factors ``rsqrt(r / mean(r))``, ``rsqrt(c)`` (vectors of length n and m);
+2. read g: ``sum u^2`` with ``u = (rf_i cf_j) g`` -> the RMS clip divisor;
+3. read g, read/write m: ``u_hat``, the momentum update, row/col sums of
+   ``U = (u_hat - m)^2 + eps2`` -> R, C and their factors;
+4. read m, read/write p: weight decay and ``p -= lr (Rf_i Cf_j) m``.
+
+No full-size temporary is allocated: u, U and S_hat exist only element by element. Extra
+memory is O(threads * (B m) + B n) doubles. Tensors with fewer than two dims take two passes
+(v and sum u^2; then m and p). The math is the reference's, operation by operation, in the
+compute dtype (float32 for bf16/fp16 params); sums are accumulated in double.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+
+import torch
+
+__all__ = ["load_kernel", "KERNEL_SOURCE"]
+
+KERNEL_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlockRows = 32;   // rows summed in the compute dtype before a double flush
+constexpr int64_t kGrainElems = 32768;
+
+struct Hyper {
+  double lr, weight_decay, beta1, beta2, beta3, eps1, eps2, clip;
+  bool maximize;
+};
+
+// Per-thread accumulator slots: inside an enclosing parallel region (tensors spread over
+// threads) at::parallel_for runs inline, so one slot per call is enough.
+inline int thread_slots() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
+inline int thread_slot() { return at::in_parallel_region() ? 0 : at::get_thread_num(); }
+
+template <typename acc_t>
+inline acc_t rsqrt_(acc_t x) { return acc_t(1) / std::sqrt(x); }
+
+// Row sums (into row_sum[k]) and column sums (into col_sum[b*m + j]) of f(k, j) over a
+// (B*n) x m matrix; f returns the compute-dtype value of one element and may write state.
+template <typename acc_t, typename F>
+void row_col_sums(int64_t B, int64_t n, int64_t m, std::vector<double>& row_sum,
+                  std::vector<double>& col_sum, const F& f) {
+  const int64_t N = B * n;
+  const int nthreads = thread_slots();
+  std::vector<double> partial((size_t)nthreads * B * m, 0.0);
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(m, 1));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    double* mine = partial.data() + (size_t)thread_slot() * B * m;
+    std::vector<acc_t> block(m);
+    int64_t k = begin;
+    while (k < end) {
+      const int64_t b = k / n;
+      const int64_t stop = std::min({end, (b + 1) * n, k + kBlockRows});
+      std::fill(block.begin(), block.end(), acc_t(0));
+      acc_t* blk = block.data();
+      for (; k < stop; ++k) {
+        row_sum[k] = f(k, blk);
+      }
+      double* cols = mine + b * m;
+      for (int64_t j = 0; j < m; ++j) cols[j] += blk[j];
+    }
+  });
+  col_sum.assign((size_t)B * m, 0.0);
+  for (int t = 0; t < nthreads; ++t) {
+    const double* src = partial.data() + (size_t)t * B * m;
+    for (int64_t i = 0; i < B * m; ++i) col_sum[i] += src[i];
+  }
+}
+
+// stat = beta * stat + (1 - beta) * sum / count, as the reference's mul_ then add_(alpha).
+template <typename acc_t>
+void ema_means(acc_t* stat, const std::vector<double>& sums, double count, double beta) {
+  const acc_t b = acc_t(beta), a = acc_t(1.0 - beta);
+  for (size_t i = 0; i < sums.size(); ++i) {
+    const acc_t mean = acc_t(sums[i] / count);
+    const acc_t scaled = stat[i] * b;
+    stat[i] = scaled + a * mean;
+  }
+}
+
+// row_factor[k] = rsqrt(row[k] / mean(row[b, :])), col_factor[i] = rsqrt(col[i]).
+template <typename acc_t>
+void factors(const acc_t* row, const acc_t* col, int64_t B, int64_t n, int64_t m,
+             std::vector<acc_t>& row_factor, std::vector<acc_t>& col_factor) {
+  row_factor.resize((size_t)B * n);
+  col_factor.resize((size_t)B * m);
+  for (int64_t b = 0; b < B; ++b) {
+    double s = 0;
+    for (int64_t i = 0; i < n; ++i) s += row[b * n + i];
+    const acc_t mean = acc_t(s / n);
+    for (int64_t i = 0; i < n; ++i) row_factor[b * n + i] = rsqrt_<acc_t>(row[b * n + i] / mean);
+  }
+  for (int64_t i = 0; i < B * m; ++i) col_factor[i] = rsqrt_<acc_t>(col[i]);
+}
+
+// Pass 1 on one row: col_block[j] += G_j and return sum_j G_j, G = g^2 + eps1.
+template <typename param_t, typename acc_t>
+inline acc_t sq_row(const param_t* __restrict g, acc_t* __restrict col_block, const int64_t m,
+                    const acc_t eps1) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < m; ++j) {
+    const acc_t gv = acc_t(g[j]);
+    const acc_t G = gv * gv + eps1;
+    col_block[j] += G;
+    s += G;
+  }
+  return s;
+}
+
+// Pass 2 on one row: sum_j u_j^2, u = (rf cf_j) g_j.
+template <typename param_t, typename acc_t>
+inline acc_t update_sq_row(const param_t* __restrict g, const acc_t* __restrict cf,
+                           const acc_t rf, const int64_t m) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < m; ++j) {
+    const acc_t u = (rf * cf[j]) * acc_t(g[j]);
+    s += u * u;
+  }
+  return s;
+}
+
+// Pass 3 on one row: u_hat, m = b1 m + a1 u_hat, col_block[j] += U_j, return sum_j U_j.
+template <typename param_t, typename acc_t, bool clip>
+inline acc_t momentum_row(const param_t* __restrict g, acc_t* __restrict ea,
+                          const acc_t* __restrict cf, const acc_t rf,
+                          acc_t* __restrict col_block, const int64_t m, const acc_t sign,
+                          const acc_t denom, const acc_t b1, const acc_t a1, const acc_t eps2) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < m; ++j) {
+    const acc_t u0 = (rf * cf[j]) * (sign * acc_t(g[j]));
+    const acc_t u = clip ? u0 / denom : u0;
+    const acc_t mv = ea[j] * b1 + a1 * u;
+    ea[j] = mv;
+    const acc_t d = u - mv;
+    const acc_t U = d * d + eps2;
+    col_block[j] += U;
+    s += U;
+  }
+  return s;
+}
+
+// Pass 4 on one row: p = p + decay p (rounded to param_t), p -= lr (Rf Cf_j) m_j.
+template <typename param_t, typename acc_t>
+inline void param_row(param_t* __restrict p, const acc_t* __restrict ea,
+                      const acc_t* __restrict Cf, const acc_t Rf, const int64_t m,
+                      const acc_t lr, const acc_t decay, const bool has_decay) {
+  if (has_decay) {
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      const acc_t pv = acc_t(p[j]);
+      const acc_t decayed = acc_t(param_t(pv + decay * pv));
+      p[j] = param_t(decayed - ((Rf * Cf[j]) * ea[j]) * lr);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      p[j] = param_t(acc_t(p[j]) - ((Rf * Cf[j]) * ea[j]) * lr);
+    }
+  }
+}
+
+template <typename param_t, typename acc_t>
+void factored_one(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
+                  at::Tensor& row, at::Tensor& col, at::Tensor& res_row, at::Tensor& res_col,
+                  const Hyper& h) {
+  const int64_t m = param.size(-1), n = param.size(-2);
+  const int64_t B = param.numel() / (n * m), N = B * n;
+  param_t* p = param.data_ptr<param_t>();
+  const param_t* g = grad.data_ptr<param_t>();
+  acc_t* ea = exp_avg.data_ptr<acc_t>();
+  const acc_t eps1 = acc_t(h.eps1), eps2 = acc_t(h.eps2);
+  const acc_t sign = h.maximize ? acc_t(-1) : acc_t(1);
+  std::vector<double> row_sum(N), col_sum;
+  std::vector<acc_t> rf, cf, Rf, Cf;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / m);
+
+  // pass 1: G = g^2 + eps1 -> r, c
+  row_col_sums<acc_t>(B, n, m, row_sum, col_sum, [=](int64_t k, acc_t* __restrict blk) {
+    return sq_row<param_t, acc_t>(g + k * m, blk, m, eps1);
+  });
+  ema_means<acc_t>(row.data_ptr<acc_t>(), row_sum, double(m), h.beta2);
+  ema_means<acc_t>(col.data_ptr<acc_t>(), col_sum, double(n), h.beta2);
+  factors<acc_t>(row.data_ptr<acc_t>(), col.data_ptr<acc_t>(), B, n, m, rf, cf);
+
+  // pass 2: sum u^2, u = (rf cf) g
+  const int nthreads = thread_slots();
+  std::vector<double> sq(nthreads * 8, 0.0);
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    double acc = 0;
+    for (int64_t k = begin; k < end; ++k) {
+      acc += update_sq_row<param_t, acc_t>(g + k * m, cf.data() + (k / n) * m, rf[k], m);
+    }
+    sq[thread_slot() * 8] += acc;
+  });
+  double sumsq = 0;
+  for (int t = 0; t < nthreads; ++t) sumsq += sq[t * 8];
+  const acc_t rms = acc_t(std::sqrt(sumsq)) / acc_t(std::sqrt(double(N * m)));
+  const acc_t denom = std::max(rms / acc_t(h.clip), acc_t(1));
+
+  // pass 3: u_hat, m, U = (u_hat - m)^2 + eps2 -> R, C
+  const acc_t b1 = acc_t(h.beta1), a1 = acc_t(1.0 - h.beta1);
+  const acc_t* rfp = rf.data();
+  const acc_t* cfp = cf.data();
+  if (denom == acc_t(1)) {  // no clipping: skip the division (x / 1 == x exactly)
+    row_col_sums<acc_t>(B, n, m, row_sum, col_sum, [=](int64_t k, acc_t* __restrict blk) {
+      return momentum_row<param_t, acc_t, false>(g + k * m, ea + k * m, cfp + (k / n) * m,
+                                                 rfp[k], blk, m, sign, denom, b1, a1, eps2);
+    });
+  } else {
+    row_col_sums<acc_t>(B, n, m, row_sum, col_sum, [=](int64_t k, acc_t* __restrict blk) {
+      return momentum_row<param_t, acc_t, true>(g + k * m, ea + k * m, cfp + (k / n) * m,
+                                                rfp[k], blk, m, sign, denom, b1, a1, eps2);
+    });
+  }
+  ema_means<acc_t>(res_row.data_ptr<acc_t>(), row_sum, double(m), h.beta3);
+  ema_means<acc_t>(res_col.data_ptr<acc_t>(), col_sum, double(n), h.beta3);
+  factors<acc_t>(res_row.data_ptr<acc_t>(), res_col.data_ptr<acc_t>(), B, n, m, Rf, Cf);
+
+  // pass 4: p -= lr * wd * p; p -= lr * (Rf Cf) m
+  const acc_t lr = acc_t(h.lr);
+  const acc_t decay = acc_t(-h.weight_decay * h.lr);
+  const bool has_decay = h.weight_decay != 0;
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      param_row<param_t, acc_t>(p + k * m, ea + k * m, Cf.data() + (k / n) * m, Rf[k], m, lr,
+                                decay, has_decay);
+    }
+  });
+}
+
+template <typename param_t, typename acc_t>
+void full_one(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
+              at::Tensor& exp_avg_sq, const Hyper& h) {
+  const int64_t numel = param.numel();
+  param_t* p = param.data_ptr<param_t>();
+  const param_t* g = grad.data_ptr<param_t>();
+  acc_t* ea = exp_avg.data_ptr<acc_t>();
+  acc_t* v = exp_avg_sq.data_ptr<acc_t>();
+  const acc_t eps1 = acc_t(h.eps1), b2 = acc_t(h.beta2), a2 = acc_t(1.0 - h.beta2);
+  const acc_t sign = h.maximize ? acc_t(-1) : acc_t(1);
+  const int nthreads = thread_slots();
+  std::vector<double> sq(nthreads * 8, 0.0);
+  at::parallel_for(0, numel, kGrainElems, [&](int64_t begin, int64_t end) {
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t gv = sign * acc_t(g[i]);
+      const acc_t G = gv * gv + eps1;
+      const acc_t vv = v[i] * b2 + a2 * G;
+      v[i] = vv;
+      const acc_t u = (acc_t(1) / std::sqrt(vv)) * gv;
+      s += u * u;
+    }
+    sq[thread_slot() * 8] += s;
+  });
+  double sumsq = 0;
+  for (int t = 0; t < nthreads; ++t) sumsq += sq[t * 8];
+  const acc_t rms = acc_t(std::sqrt(sumsq)) / acc_t(std::sqrt(double(numel)));
+  const acc_t denom = std::max(rms / acc_t(h.clip), acc_t(1));
+  const acc_t b1 = acc_t(h.beta1), a1 = acc_t(1.0 - h.beta1);
+  const acc_t lr = acc_t(h.lr);
+  const acc_t decay = acc_t(-h.weight_decay * h.lr);
+  const bool has_decay = h.weight_decay != 0;
+  at::parallel_for(0, numel, kGrainElems, [&](int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t u = ((acc_t(1) / std::sqrt(v[i])) * (sign * acc_t(g[i]))) / denom;
+      const acc_t mv = ea[i] * b1 + a1 * u;
+      ea[i] = mv;
+      acc_t pv = acc_t(p[i]);
+      if (has_decay) pv = acc_t(param_t(pv + decay * pv));
+      p[i] = param_t(pv - mv * lr);
+    }
+  });
+}
+
+Hyper make_hyper(const at::Tensor& lr, double weight_decay, std::vector<double> betas,
+                 std::vector<double> eps, double clip, bool maximize) {
+  TORCH_CHECK(lr.numel() == 1 && lr.device().is_cpu(), "lr must be a 1-element CPU tensor");
+  return Hyper{lr.to(at::kDouble).item<double>(), weight_decay, betas[0], betas[1], betas[2],
+               eps[0], eps[1], clip, maximize};
+}
+
+}  // namespace
+
+template <typename Fn>
+void for_each_tensor(const std::vector<at::Tensor>& params, const Fn& step_one) {
+  // Tensors big enough to keep every thread busy are stepped one at a time, parallel over
+  // rows; the others are spread over threads whole (largest first, dynamic schedule), which
+  // avoids a barrier per pass per small tensor.
+  const int nthreads = at::get_num_threads();
+  int64_t total = 0;
+  for (const auto& p : params) total += p.numel();
+  std::vector<int64_t> small;
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (nthreads > 1 && params[i].numel() * 4 * nthreads < total) {
+      small.push_back((int64_t)i);
+    } else {
+      step_one(i);
+    }
+  }
+  std::stable_sort(small.begin(), small.end(), [&](int64_t a, int64_t b) {
+    return params[a].numel() > params[b].numel();
+  });
+  const int64_t count = (int64_t)small.size();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t i = 0; i < count; ++i) step_one((size_t)small[i]);
+}
+
+void check_dtypes(const std::vector<at::Tensor>& params) {
+  for (const auto& p : params) {
+    const auto t = p.scalar_type();
+    TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf,
+                "torchcame fused kernel: unsupported dtype ", t);
+  }
+}
+
+void factored_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
+                   std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> rows,
+                   std::vector<at::Tensor> cols, std::vector<at::Tensor> res_rows,
+                   std::vector<at::Tensor> res_cols, at::Tensor lr, double weight_decay,
+                   std::vector<double> betas, std::vector<double> eps, double clip,
+                   bool maximize) {
+  const Hyper h = make_hyper(lr, weight_decay, betas, eps, clip, maximize);
+  check_dtypes(params);
+  for_each_tensor(params, [&](size_t i) {
+    auto& p = params[i];
+    auto& g = grads[i];
+    auto& e = exp_avgs[i];
+    switch (p.scalar_type()) {
+      case at::kFloat:
+        factored_one<float, float>(p, g, e, rows[i], cols[i], res_rows[i], res_cols[i], h);
+        break;
+      case at::kDouble:
+        factored_one<double, double>(p, g, e, rows[i], cols[i], res_rows[i], res_cols[i], h);
+        break;
+      case at::kBFloat16:
+        factored_one<c10::BFloat16, float>(p, g, e, rows[i], cols[i], res_rows[i],
+                                           res_cols[i], h);
+        break;
+      default:
+        factored_one<c10::Half, float>(p, g, e, rows[i], cols[i], res_rows[i], res_cols[i],
+                                       h);
+    }
+  });
+}
+
+void full_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
+               std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
+               at::Tensor lr, double weight_decay, std::vector<double> betas,
+               std::vector<double> eps, double clip, bool maximize) {
+  const Hyper h = make_hyper(lr, weight_decay, betas, eps, clip, maximize);
+  check_dtypes(params);
+  for_each_tensor(params, [&](size_t i) {
+    auto& p = params[i];
+    switch (p.scalar_type()) {
+      case at::kFloat:
+        full_one<float, float>(p, grads[i], exp_avgs[i], exp_avg_sqs[i], h);
+        break;
+      case at::kDouble:
+        full_one<double, double>(p, grads[i], exp_avgs[i], exp_avg_sqs[i], h);
+        break;
+      case at::kBFloat16:
+        full_one<c10::BFloat16, float>(p, grads[i], exp_avgs[i], exp_avg_sqs[i], h);
+        break;
+      default:
+        full_one<c10::Half, float>(p, grads[i], exp_avgs[i], exp_avg_sqs[i], h);
+    }
+  });
+}
+"""
+
+_module = None
+_failure: str | None = None
+
+
+def _vector_flags() -> tuple[str, list[str]]:
+    """Compiler flags for the CPU's vector capability as torch reports it (not -march=native,
+    so a cached build is valid on any machine of the same capability)."""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - very old torch
+        capability = "DEFAULT"
+    flags = {
+        "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                   "-mprefer-vector-width=512"],
+        "AVX2": ["-mavx2", "-mfma"],
+    }.get(capability, [])
+    return capability, flags
+
+
+def load_kernel(verbose: bool = False):
+    """The compiled kernel module, or ``None`` if it cannot be built (reason in a warning)."""
+    global _module, _failure
+    if _module is not None or _failure is not None:
+        return _module
+    capability, vector_flags = _vector_flags()
+    cflags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", *vector_flags]
+    key = hashlib.sha1((KERNEL_SOURCE + " ".join(cflags) + torch.__version__).encode())
+    name = f"torchcame_fused_{capability.lower()}_{key.hexdigest()[:12]}"
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        _module = load_inline(
+            name=name,
+            cpp_sources=[KERNEL_SOURCE],
+            functions=["factored_step", "full_step"],
+            extra_cflags=cflags,
+            extra_ldflags=["-fopenmp"],
+            verbose=verbose or bool(os.environ.get("TORCHCAME_VERBOSE_BUILD")),
+        )
+    except Exception as exc:  # no compiler, no headers, ...
+        _failure = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        warnings.warn(
+            "torchcame: could not build the fused CPU kernel (" + _failure + "); "
+            "fused=True falls back to the multi-tensor (foreach) path",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _module
