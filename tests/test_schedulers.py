@@ -201,3 +201,46 @@ def test_scheduler_state_dict_round_trip() -> None:
     run(new_params, new_opt, new_sched, range(STEPS // 2, STEPS))
     for got, want in zip(new_params, params):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _step_compiled_available() -> bool:
+    if not _fused_ready():
+        return False
+    from torchcame._impl import fused
+
+    return hasattr(fused, "step_compiled")
+
+
+@pytest.mark.slow  # compiles two small graphs (~10-20 s on 2 cores)
+@pytest.mark.skipif(not _step_compiled_available(), reason="no torch.compile fused step yet")
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+def test_fused_compiled_step_no_recompile_under_scheduler(lr_kind: str) -> None:
+    """The torch.compile backend of ``fused=True`` (the CUDA path; run here on CPU through
+    ``step_compiled``) compiles once per tensor shape: an lr that changes every step (float
+    or tensor) does not recompile, and the result matches the reference."""
+    from torchcame._impl.common import StepArgs
+    from torchcame._impl.fused import step_compiled
+    from torchcame.functional import init_state
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    lr = BASE_LR if lr_kind == "float" else torch.tensor(BASE_LR)
+    params = [p.detach() for p in _params()]
+    states = [init_state(p) for p in params]
+    holder = CAME([torch.zeros(1, requires_grad=True)], lr=lr)  # only to drive the scheduler
+    sched = SCHEDULERS["lambda"](holder, STEPS)
+    used, graphs = [], []
+    for step in range(STEPS):
+        group = holder.param_groups[0]
+        used.append((float(group["lr"]), tuple(group["betas"])))
+        args = StepArgs(lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                        clip_threshold=group["clip_threshold"], weight_decay=0.1)
+        assert step_compiled(params, _grads(step), states, args) == []
+        holder.step()
+        sched.step()
+        graphs.append(_dynamo_graphs())
+    assert graphs[0] > 0, "nothing was compiled"
+    assert graphs[1:] == [graphs[0]] * (STEPS - 1), f"recompiled while lr changed: {graphs}"
+    for got, want in zip(params, _run_manual(used)):
+        torch.testing.assert_close(got, want.detach(), rtol=RTOL, atol=ATOL)
+    torch._dynamo.reset()
