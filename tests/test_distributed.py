@@ -188,6 +188,7 @@ def _count_all_reduces(fn) -> tuple[int, int]:
 def _scenario_fsdp(rank, world, out: Path, save_ckpt: bool) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
     )
@@ -197,18 +198,25 @@ def _scenario_fsdp(rank, world, out: Path, save_ckpt: bool) -> None:
     model = _fsdp_model()
     optim = CAME(param_groups(model), **HYPER)
     _train(model, optim, rank, world, STEPS - 1)
-    # The last step counts the optimizer's all-reduces (FSDP's own collectives are not
-    # all_reduce calls on gloo: all-gather and reduce-scatter).
+    # The last step counts the all-reduces optim.step() issues (FSDP2's all-gathers and
+    # reduce-scatters happen in forward and backward).
     idx, target = local_batch(STEPS - 1, rank, world)
     loss_fn(model, idx, target).backward()
     counts = _count_all_reduces(optim.step)
     optim.zero_grad()
     snap = snapshot(model, optim)
+    # a consolidated (full, rank 0) optimizer state dict, e.g. for a single-GPU export
+    full_osd = get_optimizer_state_dict(
+        model, optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     if save_ckpt:
         sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optim)}
         dcp.save(sd, checkpoint_id=str(out / "ckpt"))
     if rank == 0:
         snap["all_reduces"] = counts
+        snap["full_osd_state"] = {
+            f"{fqn}.{k}": v for fqn, entry in full_osd["state"].items() for k, v in entry.items()
+        }
         torch.save(snap, out / f"fsdp_w{world}.pt")
 
 
@@ -495,6 +503,10 @@ def test_fsdp2_equals_single_process(runs, reference, world):
     got = _load(runs / f"w{world}" / f"fsdp_w{world}.pt")
     assert_close_rel(got["params"], reference["params"])
     assert_close_rel(got["state"], reference["state"])
+    # get_optimizer_state_dict(full_state_dict=True) gathers the same full tensors
+    assert set(got["full_osd_state"]) == set(got["state"])
+    for key, value in got["full_osd_state"].items():
+        assert torch.equal(value, got["state"][key]), key
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -596,6 +608,30 @@ def test_dcp_save_2_ranks_load_and_continue(runs, world):
     ref = reference_run(STEPS + RESUME_STEPS)
     assert_close_rel(got["params"], ref["params"])
     assert_close_rel(got["state"], ref["state"])
+
+
+def test_gpt_fsdp_recipe_torchrun(tmp_path):
+    """The GPT recipe under torchrun, 2 CPU procs (gloo, FSDP2), matches a lone process.
+
+    Only 3 steps: CAME amplifies rounding differences over longer runs (docs/distributed.md).
+    """
+    pytest.importorskip("transformers")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    recipe = ["-m", "torchcame.recipes.gpt_fsdp", "--fsdp", "--steps", "3", "--n-layer", "1",
+              "--max-bytes", "300000", "--log-every", "1"]
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", *recipe, "--log-json", str(tmp_path / "two.json")]
+    one = [sys.executable, *recipe, "--log-json", str(tmp_path / "one.json")]
+    for cmd in (two, one):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    import json
+
+    logs = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two")}
+    assert logs["two"]["world_size"] == 2 and logs["two"]["backend"] == "gloo"
+    assert logs["one"]["world_size"] == 1
+    torch.testing.assert_close(torch.tensor(logs["two"]["losses"]),
+                               torch.tensor(logs["one"]["losses"]), rtol=RTOL, atol=0.0)
 
 
 if __name__ == "__main__":
