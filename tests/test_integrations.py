@@ -381,3 +381,48 @@ def test_accelerate_prepare_matches_plain_loop(mixed_precision: str,
     if mixed_precision == "bf16":  # autocast really was on: fp32 training ends elsewhere
         fp32 = _plain_run("no")
         assert max((a - b).abs().max().item() for a, b in zip(got, fp32)) > 0
+
+
+def test_accelerate_save_state_resumes_exactly(tmp_path, fresh_accelerate_state) -> None:
+    """accelerator.save_state / load_state carry CAME's state and the scheduler: 2 windows,
+    save, a fresh process-like setup loads and runs the last 2 windows == 4 windows straight."""
+    pytest.importorskip("accelerate")
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    def setup():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        accelerator = Accelerator(gradient_accumulation_steps=ACCUM, cpu=True)
+        model = _mlp()
+        opt = CAME(param_groups(model, weight_decay=1e-2), lr=1e-2)
+        loader = torch.utils.data.DataLoader(_data(), batch_size=BATCH, shuffle=False)
+        return accelerator, *accelerator.prepare(model, opt, loader, _schedule(opt))
+
+    def train(accelerator, model, opt, loader, sched, stop=None):
+        for i, (x, y) in enumerate(loader):
+            with accelerator.accumulate(model):
+                accelerator.backward(nn.functional.mse_loss(model(x), y))
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+            if stop is not None and i + 1 == stop:
+                return
+
+    accelerator, model, opt, loader, sched = setup()
+    train(accelerator, model, opt, loader, sched)
+    want = [p.detach().clone() for p in accelerator.unwrap_model(model).parameters()]
+
+    accelerator, model, opt, loader, sched = setup()
+    half = 2 * ACCUM  # micro-batches of two accumulation windows
+    train(accelerator, model, opt, loader, sched, stop=half)
+    accelerator.save_state(str(tmp_path / "state"))
+
+    accelerator, model, opt, loader, sched = setup()
+    accelerator.load_state(str(tmp_path / "state"))
+    assert all(float(s["step"]) == 2 for s in opt.optimizer.state.values())
+    rest = accelerator.skip_first_batches(loader, half)
+    train(accelerator, model, opt, rest, sched)
+    got = list(accelerator.unwrap_model(model).parameters())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
