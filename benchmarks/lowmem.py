@@ -1,0 +1,335 @@
+"""Low-memory CAME, measured: state bytes, peak training memory, quantization error, quality.
+
+Parts (``--parts``, default all):
+
+* ``state``: optimizer-state bytes per parameter on GPT-2 124M shapes for CAME (float32,
+  bf16 and int8 momentum), torch AdamW, torch Adafactor and the authors' ``came-pytorch``.
+* ``peak``: peak tensor memory of one training step of the demo model (GPT-2 2x128, batch
+  16x128) for AdamW fp32, CAME fp32, and CAME with bf16 weights + 8-bit momentum + stochastic
+  rounding + step-in-backward (and the steps in between).
+* ``error``: block-wise int8 error of the momentum of a float32 CAME run of the demo model,
+  for several block sizes (bitsandbytes-style: relative L2 error, and max error against the
+  absmax/254 bound).
+* ``quality``: final validation loss of the GPT recipe (demo model, ``--steps``) over seeds
+  for each momentum mode next to float32 CAME.
+
+Results go to ``benchmarks/results/lowmem/`` (JSON, PNG, markdown). Run from the repo root:
+
+    python benchmarks/lowmem.py                    # everything (~15 min on 2 CPU cores)
+    python benchmarks/lowmem.py --parts state peak # the quick parts
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from torchcame import CAME, step_in_backward
+from torchcame.lowbit import dequantize_blockwise, quantize_blockwise
+from torchcame.memory import MB, measure_step_memory, optimizer_state_bytes
+from torchcame.recipes.report import machine_info, mean_std, write_json
+
+OUT = Path(__file__).resolve().parent / "results" / "lowmem"
+
+
+def gpt2_124m_shapes() -> list[tuple[int, ...]]:
+    """Parameter shapes of GPT-2 small (124M; Radford et al. 2019), tied output embedding."""
+    d, ff, vocab, ctx, layers = 768, 3072, 50257, 1024, 12
+    shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,),
+                   (d,), (d,), (d, ff), (ff,), (ff, d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+# ------------------------------------------------------------------------------ state bytes
+
+
+def part_state() -> dict:
+    from tqdm.auto import tqdm
+
+    shapes = gpt2_124m_shapes()
+    params = [torch.zeros(s, requires_grad=True) for s in shapes]
+    numel = sum(p.numel() for p in params)
+    gen = torch.Generator().manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    candidates = {
+        "AdamW (torch)": lambda ps: torch.optim.AdamW(ps, lr=1e-4),
+        "Adafactor (torch)": lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
+        "came-pytorch (authors)": _came_pytorch,
+        "CAME float32 momentum": lambda ps: CAME(ps, lr=1e-4),
+        "CAME bf16 momentum": lambda ps: CAME(ps, lr=1e-4, momentum_dtype=torch.bfloat16),
+        "CAME int8 momentum": lambda ps: CAME(ps, lr=1e-4, momentum_dtype="int8"),
+    }
+    rows = []
+    for name, make in tqdm(candidates.items(), desc="state bytes"):
+        if make is None:
+            continue
+        opt = make(params)
+        if opt is None:
+            continue
+        opt.step()
+        nbytes = optimizer_state_bytes(opt, include_scalars=False)
+        rows.append({"optimizer": name, "state_bytes": nbytes, "bytes_per_param": nbytes / numel})
+        del opt
+        gc.collect()
+    adamw = rows[0]["state_bytes"]
+    for row in rows:
+        row["ratio_to_adamw"] = row["state_bytes"] / adamw
+    return {"params": numel, "rows": rows}
+
+
+def _came_pytorch(params):
+    try:
+        from came_pytorch import CAME as ReferenceCAME
+    except ImportError:
+        return None
+    return ReferenceCAME(params, lr=1e-4)
+
+
+# ------------------------------------------------------------------------------ peak memory
+
+
+PEAK_CONFIGS = {
+    "AdamW fp32": dict(opt="adamw"),
+    "CAME fp32": dict(opt="came"),
+    "CAME fp32 + step-in-backward": dict(opt="came", sib=True),
+    "CAME int8 momentum": dict(opt="came", momentum="int8"),
+    "CAME bf16 weights + int8 + SR": dict(opt="came", momentum="int8", bf16=True),
+    "CAME bf16 weights + int8 + SR + step-in-backward": dict(
+        opt="came", momentum="int8", bf16=True, sib=True
+    ),
+}
+
+
+def _demo_model(bf16: bool, seed: int = 0):
+    from torchcame.recipes.demo import DEMO_DEFAULTS
+    from torchcame.recipes.train import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(DEMO_DEFAULTS)
+    return model.to(torch.bfloat16) if bf16 else model
+
+
+def part_peak(batch_size: int) -> dict:
+    from tqdm.auto import tqdm
+
+    from torchcame.recipes.demo import DEMO_DEFAULTS
+
+    seq = DEMO_DEFAULTS.seq_len
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (batch_size, seq), generator=gen) for _ in range(4)]
+    rows = []
+    for name, cfg in tqdm(PEAK_CONFIGS.items(), desc="peak memory"):
+        model = _demo_model(cfg.get("bf16", False))
+        if cfg["opt"] == "adamw":
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        else:
+            opt = CAME(model.parameters(), lr=1e-3, momentum_dtype=cfg.get("momentum", "float32"),
+                       stochastic_rounding=cfg.get("bf16", False))
+        handle = step_in_backward(opt) if cfg.get("sib") else None
+
+        def train_step(batch, model=model, opt=opt):
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for batch in batches[:3]:  # state exists before the measured step
+            train_step(batch)
+        memory = measure_step_memory(lambda: train_step(batches[3]), baseline=[model, opt])
+        params_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        rows.append({
+            "config": name,
+            "peak_bytes": memory.peak_bytes,
+            "params_bytes": params_bytes,
+            "state_bytes": optimizer_state_bytes(opt),
+            "step_allocated_peak_bytes": memory.allocated_peak_bytes,
+        })
+        if handle is not None:
+            handle.remove()
+    base = rows[0]["peak_bytes"]
+    for row in rows:
+        row["ratio_to_adamw_fp32"] = row["peak_bytes"] / base
+    return {"batch_size": batch_size, "seq_len": seq, "rows": rows}
+
+
+# ------------------------------------------------------------------------- quantization error
+
+
+def part_error(steps: int, block_sizes: list[int]) -> dict:
+    """Quantize the momentum of a float32 CAME run at a few steps, per block size."""
+    from tqdm.auto import tqdm
+
+    from torchcame.recipes.data import BatchSampler, load_corpus
+    from torchcame.recipes.demo import DEMO_DEFAULTS
+
+    model = _demo_model(False)
+    opt = CAME(model.parameters(), lr=1e-3)
+
+    corpus = load_corpus(None, max_bytes=2_000_000)
+    sampler = BatchSampler(corpus.train, DEMO_DEFAULTS.batch_size, DEMO_DEFAULTS.seq_len, seed=0)
+    checkpoints = sorted({max(1, steps // 20), steps // 4, steps // 2, steps})
+    samples = []
+    for step in tqdm(range(1, steps + 1), desc="error study"):
+        batch = next(sampler)
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step in checkpoints:
+            for block in block_sizes:
+                num = den = 0.0
+                worst = 0.0
+                for state in opt.state.values():
+                    m = state["exp_avg"]
+                    if m.numel() < 4096:
+                        continue
+                    codes, absmax = quantize_blockwise(m, block)
+                    err = dequantize_blockwise(codes, absmax, block) - m
+                    num += float(err.square().sum())
+                    den += float(m.square().sum())
+                    bound = (absmax / 254).repeat_interleave(block)[: m.numel()].view(m.shape)
+                    worst = max(worst, float((err.abs() / bound.clamp_min(1e-38)).max()))
+                samples.append({"step": step, "block_size": block,
+                                "relative_l2_error": (num / den) ** 0.5,
+                                "max_error_over_bound": worst,
+                                "bytes_per_element": 1 + 4 / block})
+    return {"steps": steps, "samples": samples}
+
+
+def plot_error(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = sorted({s["step"] for s in result["samples"]})
+    for step in steps:
+        pts = [s for s in result["samples"] if s["step"] == step]
+        ax.plot([s["block_size"] for s in pts], [s["relative_l2_error"] for s in pts],
+                marker="o", label=f"step {step}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("block size (elements per float32 scale)")
+    ax.set_ylabel("relative L2 error of int8 momentum")
+    ax.set_title("Block-wise int8 momentum error (GPT-2 demo model, CAME)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ quality
+
+
+QUALITY_MODES = ("came", "came-bf16", "came-int8")
+
+
+def part_quality(steps: int, seeds: list[int]) -> dict:
+    from torchcame.recipes.demo import DEMO_DEFAULTS
+    from torchcame.recipes.train import LMConfig, run_comparison
+
+    cfg = LMConfig(**{**DEMO_DEFAULTS.as_dict(), "lrs": {}, "steps": steps,
+                      "optimizers": QUALITY_MODES, "seeds": tuple(seeds),
+                      "measure_memory": False})
+    runs, _ = run_comparison(cfg)
+    rows = []
+    for mode in QUALITY_MODES:
+        vals = [r["final_val_loss"] for r in runs if r["optimizer"] == mode]
+        mean, std = mean_std(vals)
+        rows.append({"mode": mode, "final_val_loss": vals, "mean": mean, "std": std})
+    base = rows[0]["mean"]
+    for row in rows:
+        row["relative_to_fp32"] = row["mean"] / base - 1
+    return {"steps": steps, "seeds": seeds, "rows": rows,
+            "runs": [{k: v for k, v in r.items() if k != "history"} for r in runs]}
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# Low-memory CAME — measured ({time.strftime('%Y-%m-%d')})", "",
+             "Command: `python benchmarks/lowmem.py " + " ".join(sys.argv[1:]) + "`", "",
+             f"Machine: {json.dumps(results['machine'])}", ""]
+    if "state" in results:
+        r = results["state"]
+        lines += [f"## Optimizer state on GPT-2 124M shapes ({r['params'] / 1e6:.1f}M params)", "",
+                  "| optimizer | state MB | bytes / param | × AdamW |", "|---|---|---|---|"]
+        lines += [f"| {x['optimizer']} | {x['state_bytes'] / MB:.1f} | {x['bytes_per_param']:.3f} "
+                  f"| {x['ratio_to_adamw']:.3f} |" for x in r["rows"]]
+        lines.append("")
+    for r in results.get("peak", []):
+        lines += [f"## Peak training-step memory, demo model (batch {r['batch_size']}×"
+                  f"{r['seq_len']})", "",
+                  "| configuration | peak MB | params MB | state MB | × AdamW fp32 |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {x['config']} | {x['peak_bytes'] / MB:.2f} | {x['params_bytes'] / MB:.2f} | "
+                  f"{x['state_bytes'] / MB:.2f} | {x['ratio_to_adamw_fp32']:.3f} |"
+                  for x in r["rows"]]
+        lines.append("")
+    if "error" in results:
+        r = results["error"]
+        lines += ["## int8 momentum error by block size", "",
+                  "| step | block | relative L2 error | max error / (absmax/254) | bytes/elem |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {s['step']} | {s['block_size']} | {s['relative_l2_error']:.4f} | "
+                  f"{s['max_error_over_bound']:.3f} | {s['bytes_per_element']:.4f} |"
+                  for s in r["samples"]]
+        lines.append("")
+    if "quality" in results:
+        r = results["quality"]
+        lines += [f"## Final validation loss, GPT recipe (demo model, {r['steps']} steps, "
+                  f"seeds {r['seeds']})", "",
+                  "| mode | mean ± std | vs fp32 CAME |", "|---|---|---|"]
+        lines += [f"| {x['mode']} | {x['mean']:.4f} ± {x['std']:.4f} | "
+                  f"{100 * x['relative_to_fp32']:+.2f}% |" for x in r["rows"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", nargs="+", default=["state", "peak", "error", "quality"],
+                        choices=["state", "peak", "error", "quality"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 1],
+                        help="peak: batch sizes (16 is the demo's)")
+    parser.add_argument("--error-steps", type=int, default=200)
+    parser.add_argument("--block-sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512,
+                                                                         2048])
+    parser.add_argument("--quality-steps", type=int, default=600)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "lowmem.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results["machine"] = machine_info()
+    if "state" in args.parts:
+        results["state"] = part_state()
+    if "peak" in args.parts:
+        results["peak"] = [part_peak(b) for b in args.batch_sizes]
+    if "error" in args.parts:
+        results["error"] = part_error(args.error_steps, args.block_sizes)
+        plot_error(results["error"], args.out / "int8_error.png")
+    if "quality" in args.parts:
+        results["quality"] = part_quality(args.quality_steps, args.seeds)
+    write_json(results, path)
+    (args.out / "lowmem.md").write_text(markdown(results) + "\n")
+    print(markdown(results))
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
