@@ -152,6 +152,8 @@ def test_param_groups_overrides() -> None:
         param_groups(model, overrides={"head.*": {"lr": 1.0}, "blocks.*": {"lr": 1.0}})
     with pytest.raises(ValueError, match="match no trainable"):  # frozen params don't count
         param_groups(model, overrides={"frozen.*": {"lr": 1.0}})
+    with pytest.raises(ValueError, match=r"\['proj.bias'\] only match parameters that an earlier"):
+        param_groups(model, overrides={"proj.*": {"lr": 1.0}, "proj.bias": {"lr": 2.0}})
     with pytest.raises(ValueError, match="must not set 'params'"):
         param_groups(model, overrides={"proj.*": {"params": []}})
 

@@ -36,8 +36,9 @@ Rules:
   Patterns are shell-style globs (``fnmatch``: ``*`` matches across dots) on the full
   parameter name, or compiled regular expressions (``re.compile(...)``, matched with
   ``search``). A shared parameter matches if any of its names does. The first matching
-  pattern (in the dict's order) wins. A pattern that matches no trainable parameter raises
-  ``ValueError``, so a typo cannot silently leave a layer at the default settings.
+  pattern (in the dict's order) wins. A pattern that matches no trainable parameter, or
+  only parameters claimed by an earlier pattern, raises ``ValueError``, so a typo cannot
+  silently leave a layer at the default settings.
   A ``weight_decay`` in an override applies to the matched parameters that decay; those in
   a ``no_decay`` category keep 0.
 """
@@ -162,7 +163,8 @@ def param_groups(
 
     Raises:
         ValueError: an unknown ``no_decay`` category, a negative ``weight_decay``, an override
-            pattern that matches no trainable parameter, or an override that sets ``params``.
+            pattern that matches no trainable parameter (or only ones an earlier pattern
+            claims), or an override that sets ``params``.
     """
     if isinstance(no_decay, str):
         no_decay = (no_decay,)
@@ -186,15 +188,17 @@ def param_groups(
 
     infos = _collect(model)
     patterns = list(overrides)
-    used = [False] * len(patterns)
+    matched = [False] * len(patterns)  # the pattern matches some trainable parameter
+    used = [False] * len(patterns)  # ... and is the first match of at least one
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for info in infos:
-        which = -1  # index of the matching override, -1 for none
+        which = -1  # index of the first matching override, -1 for none
         for i, pattern in enumerate(patterns):
             if _matches(pattern, info.names):
-                which = i
-                used[i] = True
-                break
+                matched[i] = True
+                if which < 0:
+                    which = i
+                    used[i] = True
         decays = not (info.categories() & set(no_decay))
         key = (which, decays)
         group = groups.get(key)
@@ -209,7 +213,13 @@ def param_groups(
         if param_names:
             group["param_names"].append(info.names[0])
 
-    unused = [p for p, u in zip(patterns, used) if not u]
+    shadowed = [_show(p) for p, m, u in zip(patterns, matched, used) if m and not u]
+    if shadowed:
+        raise ValueError(
+            f"override pattern(s) {shadowed} only match parameters that an earlier pattern "
+            "already claims (the first matching pattern wins); reorder or remove them"
+        )
+    unused = [p for p, m in zip(patterns, matched) if not m]
     if unused:
         shown = ", ".join(_iter_examples(infos))
         raise ValueError(
