@@ -8,6 +8,8 @@ second step (the first step creates the state, which changes the guards once).
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
@@ -91,6 +93,11 @@ def test_compiled_model_trains_with_came() -> None:
     [
         pytest.param({"foreach": False, "fused": False}, id="reference"),
         pytest.param({"foreach": True}, id="foreach", marks=pytest.mark.slow),  # ~25 s
+        pytest.param({"fused": True}, id="fused", marks=[
+            pytest.mark.slow,
+            pytest.mark.skipif(importlib.util.find_spec("torchcame._impl.fused") is None,
+                               reason="no fused path yet"),
+        ]),
     ],
 )
 def test_compiled_step_with_tensor_lr_scheduler(impl: dict) -> None:
