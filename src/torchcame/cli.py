@@ -20,6 +20,21 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     demo.set_defaults(handler=run_demo)
 
 
+def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``torchcame bench``: step time and memory of CAME's paths, came-pytorch, AdamW, Adafactor."""
+    from .bench import add_bench_arguments, run_bench_cli
+
+    bench = subparsers.add_parser(
+        "bench",
+        help="time optimizer steps (CAME paths vs came-pytorch, AdamW, Adafactor) and memory",
+        description="Step time (median of interleaved rounds, ratio to fused AdamW and to a "
+        "memory-bandwidth floor), optimizer state bytes and extra step memory on named "
+        "parameter sets; prints a table and writes JSON.",
+    )
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=run_bench_cli)
+
+
 # Each subcommand adds itself with an ``_add_<name>_parser(subparsers)`` function that calls
 # ``set_defaults(handler=fn)``; ``main`` calls ``args.handler(args)``.
 
@@ -31,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="{demo,bench}")
     _add_demo_parser(subparsers)
+    _add_bench_parser(subparsers)
     return parser
 
 

@@ -1,0 +1,401 @@
+"""Step time and memory of CAME's implementations against its peers, in one interleaved run.
+
+For each named parameter set (:mod:`.shapes`), every candidate optimizer gets its own state
+over the *same* parameters and gradients. After warm-up, candidates are stepped in turn,
+round after round (the order rotates each round), and a plain copy of a large buffer is
+timed in every round too. Reported per candidate:
+
+* ``median_step_s``: median step time over rounds;
+* ``ratio_to_adamw_fused``: median over rounds of (step time / fused AdamW's step time in the
+  same round) -- robust to a shared, noisy machine, since both run under the same load;
+* ``floor_s`` and ``ratio_to_floor``: the bytes the algorithm must move per step (its minimal
+  pass schedule, below) divided by the copy bandwidth measured in the same rounds;
+* ``state_bytes``: optimizer state (tensors with ``dim > 0``; step counters excluded);
+* ``extra_step_bytes``: peak bytes of tensors allocated during ``step()`` beyond params,
+  grads and state (:func:`torchcame.memory.measure_step_memory`; on CPU a dispatch-level
+  tracker, which sees tensors created by operators, not scratch buffers inside a kernel);
+* ``first_step_s``: the first step (state allocation, plus compilation for compiled paths).
+
+Bytes each algorithm must move per element per step (float32), used for the floor:
+AdamW 28 (read g; read+write p, m, v). CAME, factored tensors 32 (the row/column
+statistics need three reads of g -- sums of g^2, RMS of u, instability sums -- then
+read+write m, read m and read+write p); vectors 36. Adafactor (no momentum), factored 20
+(three reads of g, read+write p), vectors 28.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .shapes import describe, param_shapes
+
+__all__ = ["Candidate", "candidates", "run_set", "run_bench", "format_table", "BYTES_PER_ELEMENT"]
+
+#: Bytes per element each algorithm must move per step: (factored tensors, other tensors).
+BYTES_PER_ELEMENT = {
+    "adamw": (28, 28),
+    "came": (32, 36),
+    "adafactor": (20, 28),
+}
+
+
+@dataclass
+class Candidate:
+    """One optimizer configuration in the benchmark."""
+
+    name: str
+    algorithm: str  # key of BYTES_PER_ELEMENT
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+    note: str = ""
+
+
+def candidates(device: torch.device, with_compile: bool = False) -> list[Candidate]:
+    """The optimizers compared: CAME's paths, the authors' package, AdamW, Adafactor."""
+    from torchcame import CAME
+
+    lr = 1e-4
+    out = [
+        Candidate("CAME fused", "came", lambda ps: CAME(ps, lr=lr, fused=True),
+                  "torchcame, fused=True" + (" (C++ kernel)" if device.type == "cpu"
+                                              else " (torch.compile)")),
+        Candidate("CAME foreach", "came", lambda ps: CAME(ps, lr=lr, foreach=True),
+                  "torchcame, foreach=True"),
+        Candidate("CAME reference", "came",
+                  lambda ps: CAME(ps, lr=lr, foreach=False, fused=False),
+                  "torchcame, per-tensor reference path"),
+    ]
+    if with_compile:
+        out.append(Candidate("CAME compiled", "came", _compiled_came(lr),
+                             "torchcame fused step via torch.compile (per shape)"))
+    try:
+        import came_pytorch
+
+        out.append(Candidate("came-pytorch", "came", lambda ps: came_pytorch.CAME(ps, lr=lr),
+                             "the authors' package"))
+    except ImportError:
+        pass
+    out += [
+        Candidate("AdamW fused", "adamw",
+                  lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True), "torch.optim"),
+        Candidate("AdamW foreach", "adamw",
+                  lambda ps: torch.optim.AdamW(ps, lr=lr, foreach=True), "torch.optim"),
+    ]
+    if hasattr(torch.optim, "Adafactor"):
+        out.append(Candidate("Adafactor foreach", "adafactor",
+                             lambda ps: torch.optim.Adafactor(ps, lr=lr, foreach=True),
+                             "torch.optim (no momentum)"))
+    return out
+
+
+def _compiled_came(lr: float) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
+    """A CAME whose step goes through :func:`torchcame._impl.fused.step_compiled`."""
+    from torchcame import CAME
+    from torchcame._impl.common import StepArgs
+    from torchcame._impl.fused import step_compiled
+    from torchcame.functional import init_state
+
+    class CompiledCAME(CAME):
+        @torch.no_grad()
+        def step(self, closure=None):  # noqa: D401 - benchmark-only variant
+            for group in self.param_groups:
+                params = [p for p in group["params"] if p.grad is not None]
+                states = []
+                for p in params:
+                    if not self.state[p]:
+                        self.state[p].update(init_state(p))
+                    states.append(self.state[p])
+                args = StepArgs(lr=torch.tensor(group["lr"]), betas=group["betas"],
+                                eps=group["eps"], clip_threshold=group["clip_threshold"],
+                                weight_decay=group["weight_decay"], maximize=group["maximize"])
+                step_compiled(params, [p.grad for p in params], states, args)
+
+    return lambda ps: CompiledCAME(ps, lr=lr)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    from torchcame.memory import optimizer_state_bytes
+
+    return optimizer_state_bytes(opt, include_scalars=False)
+
+
+def _extra_step_bytes(opt: torch.optim.Optimizer, device: torch.device) -> tuple[int, str]:
+    """Peak bytes allocated during one ``step()`` beyond what exists before it."""
+    try:
+        from torchcame.memory import measure_step_memory
+    except ImportError:  # pragma: no cover - memory.py is part of the package
+        return -1, "unavailable"
+    result = measure_step_memory(opt.step, device=device)
+    return int(result.allocated_peak_bytes), result.method
+
+
+def _floor_bytes(shapes: list[tuple[int, ...]], algorithm: str, element_size: int) -> int:
+    factored_b, other_b = BYTES_PER_ELEMENT[algorithm]
+    total = 0
+    for s in shapes:
+        n = math.prod(s)
+        total += n * (factored_b if len(s) >= 2 else other_b)
+    return total * element_size // 4
+
+
+def run_set(
+    set_name: str,
+    *,
+    device: torch.device,
+    rounds: int = 7,
+    warmup: int = 2,
+    with_compile: bool = False,
+    names: list[str] | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Benchmark every candidate on one parameter set; returns a JSON-ready dict."""
+    shapes = param_shapes(set_name)
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter((0.02 * torch.randn(s, generator=gen)).to(device))
+        p.grad = (1e-3 * torch.randn(s, generator=gen)).to(device)
+        params.append(p)
+    cands = [c for c in candidates(device, with_compile) if names is None or c.name in names]
+    if not any(c.name == "AdamW fused" for c in cands):
+        raise ValueError("the benchmark needs the 'AdamW fused' candidate as its yardstick")
+
+    numel = sum(p.numel() for p in params)
+    copy_src = torch.randn(max(numel, 1 << 24), device=device)
+    copy_dst = torch.empty_like(copy_src)
+    copy_bytes = 2 * copy_src.numel() * copy_src.element_size()
+
+    bar = _progress(total=len(cands) * (warmup + 2) + rounds * (len(cands) + 1),
+                    desc=set_name, enabled=progress)
+    opts: dict[str, torch.optim.Optimizer] = {}
+    first: dict[str, float] = {}
+    for cand in cands:
+        opt = cand.make(params)
+        first[cand.name] = _timed(opt.step, device)
+        bar.update(1)
+        for _ in range(warmup):
+            opt.step()
+            bar.update(1)
+        opts[cand.name] = opt
+
+    memory: dict[str, tuple[int, str]] = {}
+    for cand in cands:
+        memory[cand.name] = _extra_step_bytes(opts[cand.name], device)
+        bar.update(1)
+
+    items = [c.name for c in cands] + ["copy"]
+    times: dict[str, list[float]] = {name: [] for name in items}
+    for r in range(rounds):
+        order = items[r % len(items):] + items[: r % len(items)]
+        for name in order:
+            if name == "copy":
+                times[name].append(_timed(lambda: copy_dst.copy_(copy_src), device))
+            else:
+                times[name].append(_timed(opts[name].step, device))
+            bar.update(1)
+    bar.close()
+
+    copy_s = statistics.median(times["copy"])
+    bandwidth = copy_bytes / copy_s
+    element_size = params[0].element_size()
+    adamw = times["AdamW fused"]
+    adamw_state = _state_bytes(opts["AdamW fused"])
+    rows = []
+    for cand in cands:
+        t = times[cand.name]
+        floor_bytes = _floor_bytes(shapes, cand.algorithm, element_size)
+        floor_s = floor_bytes / bandwidth
+        state = _state_bytes(opts[cand.name])
+        extra, method = memory[cand.name]
+        rows.append({
+            "name": cand.name,
+            "note": cand.note,
+            "median_step_s": statistics.median(t),
+            "ratio_to_adamw_fused": statistics.median(a / b for a, b in zip(t, adamw,
+                                                                            strict=True)),
+            "floor_bytes": floor_bytes,
+            "floor_s": floor_s,
+            "ratio_to_floor": statistics.median(t) / floor_s,
+            "state_bytes": state,
+            "state_ratio_to_adamw": state / adamw_state if adamw_state else None,
+            "extra_step_bytes": extra,
+            "extra_step_ratio_to_params": extra / (numel * element_size),
+            "memory_method": method,
+            "first_step_s": first[cand.name],
+            "step_times_s": t,
+        })
+    return {
+        "set": set_name,
+        "shapes": describe(shapes),
+        "param_bytes": numel * element_size,
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "copy_times_s": times["copy"],
+        "rounds": rounds,
+        "warmup": warmup,
+        "results": rows,
+    }
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Where the benchmark ran."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "cpu_capability": _cpu_capability(),
+    }
+    if hasattr(os, "getloadavg"):
+        info["loadavg_start"] = os.getloadavg()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_capability() -> str:
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+def run_bench(
+    sets: list[str],
+    *,
+    device: str | torch.device = "cpu",
+    rounds: int = 7,
+    warmup: int = 2,
+    with_compile: bool = False,
+    names: list[str] | None = None,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run :func:`run_set` for each set; returns the whole report (JSON-ready)."""
+    device = torch.device(device)
+    report: dict[str, Any] = {
+        "command": command or " ".join(["torchcame", "bench", *sys.argv[1:]]),
+        "machine": machine_info(device),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "sets": [],
+    }
+    for name in sets:
+        report["sets"].append(run_set(name, device=device, rounds=rounds, warmup=warmup,
+                                      with_compile=with_compile, names=names,
+                                      progress=progress))
+    if hasattr(os, "getloadavg"):
+        report["machine"]["loadavg_end"] = os.getloadavg()
+    return report
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A Markdown table per parameter set."""
+    lines = []
+    for s in report["sets"]:
+        lines.append(
+            f"### {s['set']} ({s['shapes']['parameters'] / 1e6:.1f}M params, "
+            f"{s['shapes']['tensors']} tensors; copy bandwidth "
+            f"{s['copy_bandwidth_GBps']:.1f} GB/s; {s['rounds']} rounds)"
+        )
+        lines.append("")
+        lines.append("| optimizer | step ms (median) | × fused AdamW | × bandwidth floor | "
+                     "state MiB | state × AdamW | extra step MiB | first step s |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in s["results"]:
+            state_ratio = r["state_ratio_to_adamw"]
+            lines.append(
+                f"| {r['name']} | {1e3 * r['median_step_s']:,.1f} | "
+                f"{r['ratio_to_adamw_fused']:.2f} | {r['ratio_to_floor']:.2f} | "
+                f"{_mib(r['state_bytes'])} | "
+                f"{'' if state_ratio is None else f'{state_ratio:.2f}'} | "
+                f"{_mib(r['extra_step_bytes'])} | {r['first_step_s']:.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_json(report: dict[str, Any], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+        f.write("\n")
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    """A bar chart of each set's step time relative to fused AdamW (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = report["sets"]
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.5 * len(sets), 3.8), squeeze=False)
+    for ax, s in zip(axes[0], sets, strict=True):
+        names = [r["name"] for r in s["results"]]
+        ratios = [r["ratio_to_adamw_fused"] for r in s["results"]]
+        colors = ["tab:blue" if n.startswith("CAME") else "tab:gray" for n in names]
+        ax.barh(names[::-1], ratios[::-1], color=colors[::-1])
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("step time / fused AdamW (median of rounds)")
+        ax.set_title(s["set"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class _NullBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NullBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NullBar()
+    return tqdm(total=total, desc=desc, unit="step", leave=False)

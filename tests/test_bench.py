@@ -1,0 +1,79 @@
+"""``torchcame bench`` runs on a tiny parameter set and writes valid JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from torchcame.bench import candidates, format_table, run_set
+from torchcame.bench.core import BYTES_PER_ELEMENT, _floor_bytes
+from torchcame.bench.shapes import PARAM_SETS, describe, param_shapes
+from torchcame.cli import main
+
+
+def test_param_sets_have_expected_sizes():
+    assert describe(param_shapes("gpt2-124m"))["parameters"] == 124_439_808
+    assert 86_000_000 < describe(param_shapes("vit-b16"))["parameters"] < 87_000_000
+    assert describe(param_shapes("big-matrix"))["tensors"] == 1
+    assert set(PARAM_SETS) >= {"gpt2-124m", "vit-b16", "big-matrix", "tiny"}
+    with pytest.raises(ValueError, match="unknown parameter set"):
+        param_shapes("nope")
+
+
+def test_floor_bytes_follow_the_pass_schedule():
+    shapes = [(10, 20), (5,)]
+    assert _floor_bytes(shapes, "adamw", 4) == 28 * 205
+    assert _floor_bytes(shapes, "came", 4) == 32 * 200 + 36 * 5
+    assert set(BYTES_PER_ELEMENT) == {"adamw", "came", "adafactor"}
+
+
+def test_run_set_tiny_reports_every_candidate():
+    import torch
+
+    names = ["CAME fused", "CAME foreach", "AdamW fused"]
+    result = run_set("tiny", device=torch.device("cpu"), rounds=2, warmup=1, names=names,
+                     progress=False)
+    rows = {r["name"]: r for r in result["results"]}
+    assert set(rows) == set(names)
+    assert rows["AdamW fused"]["state_ratio_to_adamw"] == 1.0
+    # CAME keeps m plus factored statistics: about half of AdamW's state for matrices
+    assert 0.4 < rows["CAME fused"]["state_ratio_to_adamw"] < 0.65
+    assert rows["CAME fused"]["state_bytes"] == rows["CAME foreach"]["state_bytes"]
+    for r in rows.values():
+        assert r["median_step_s"] > 0 and len(r["step_times_s"]) == 2
+        assert r["ratio_to_floor"] > 0
+    # the fused path allocates no full-size temporaries; the foreach path does
+    param_bytes = result["param_bytes"]
+    assert rows["CAME fused"]["extra_step_bytes"] < 0.05 * param_bytes
+    assert rows["CAME foreach"]["extra_step_bytes"] > 0.5 * param_bytes
+    report = {"sets": [result]}
+    table = format_table(report)
+    assert "CAME fused" in table and "× fused AdamW" in table
+
+
+def test_candidates_include_peers():
+    import torch
+
+    names = [c.name for c in candidates(torch.device("cpu"))]
+    for expected in ["CAME fused", "CAME foreach", "CAME reference", "came-pytorch",
+                     "AdamW fused", "AdamW foreach", "Adafactor foreach"]:
+        assert expected in names
+
+
+def test_cli_quick_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--quick", "--rounds", "2", "--warmup", "1", "--no-progress",
+                 "--only", "CAME fused,CAME foreach,came-pytorch", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["machine"]["logical_cpus"] >= 1
+    (tiny,) = report["sets"]
+    assert tiny["set"] == "tiny" and tiny["copy_bandwidth_GBps"] > 0
+    names = {r["name"] for r in tiny["results"]}
+    assert names == {"CAME fused", "CAME foreach", "came-pytorch", "AdamW fused"}
+    assert "| CAME fused |" in capsys.readouterr().out
+
+
+def test_cli_rejects_unknown_set(tmp_path):
+    assert main(["bench", "--sets", "nope", "--out", str(tmp_path / "x.json")]) == 2
