@@ -499,12 +499,15 @@ def _convert_momentum(
     return entry
 
 
+@torch.compiler.disable
 def _first_step_checks(optimizer: CAME) -> bool:
     """Run before the first step; True when the call must not step at all.
 
     Raises for DeepSpeed ZeRO flat partitions (CAME would silently factor nothing). DCP's
     state_dict helpers build lazy state with a zero-gradient, lr=0 step, which for CAME would
     count a step and move the statistics: that call only allocates the zero state.
+    Not traced by ``torch.compile`` (it inspects the caller's frames); it runs only while the
+    state is empty.
     """
     if not torch.distributed.is_available():
         return False
