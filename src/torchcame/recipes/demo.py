@@ -1,6 +1,7 @@
 """``torchcame demo``: the GPT recipe with defaults sized for about 3 minutes on 2 CPU cores.
 
-With no arguments it trains a 2-layer GPT-2 (d_model 128, context 128, byte vocabulary) on
+With no arguments it trains a 2-layer GPT-2 (d_model 128, context 64, byte vocabulary) for
+300 steps of 16 sequences on
 this interpreter's standard library with CAME, AdamW and Adafactor -- same seed, initial
 weights, batches and schedule (warmup 10%, cosine to 10%), each at its customary peak lr --
 and writes ``./torchcame-report/demo-<UTC time>/`` (``report.md``, ``loss.png``,
@@ -16,7 +17,7 @@ from .train import LMConfig, add_common_args
 
 __all__ = ["DEMO_DEFAULTS", "add_demo_arguments", "run_demo"]
 
-DEMO_DEFAULTS = LMConfig(task="gpt", steps=600, batch_size=16, eval_every=50, eval_batches=8)
+DEMO_DEFAULTS = LMConfig(task="gpt", steps=300, batch_size=16, eval_every=25, eval_batches=8)
 
 QUICK = {
     "layers": 1,

@@ -53,10 +53,10 @@ class LMConfig:
     n_layer: int = 2
     d_model: int = 128
     n_head: int = 4
-    seq_len: int = 128
+    seq_len: int = 64
     batch_size: int = 16
-    steps: int = 500
-    warmup: int = 50
+    steps: int = 300
+    warmup: int = 30
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # global gradient-norm clipping for every optimizer; 0 = off
