@@ -150,12 +150,19 @@ def assert_close_rel(got: dict, ref: dict, rtol: float = RTOL) -> None:
 # ---------------------------------------------------------------------------------- worker
 
 
-def _fsdp_model(seed: int = 0, mesh=None):
+def _fsdp_model(seed: int = 0, mesh=None, shard_dim: int = 0):
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
 
+    def placement(param):  # FSDP2's shard_placement_fn; FSDP2 shards dims > 0 only evenly
+        world = torch.distributed.get_world_size()
+        even = param.dim() > shard_dim and param.shape[shard_dim] % world == 0
+        return Shard(shard_dim if even else 0)
+
+    kwargs = {"mesh": mesh} if shard_dim == 0 else {"mesh": mesh, "shard_placement_fn": placement}
     model = make_net(seed)
-    fully_shard(model.fc1, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard(model.fc1, **kwargs)
+    fully_shard(model, **kwargs)
     return model
 
 
@@ -249,6 +256,19 @@ def _scenario_resume(rank, world, out: Path, ckpt: Path) -> None:
         snap["fresh_state"] = fresh
         snap["n_state"] = len(optim.state)
         torch.save(snap, out / f"resume_w{world}.pt")
+
+
+def _scenario_fsdp_shard1(rank, world, out: Path) -> None:
+    """FSDP2 with ``shard_placement_fn`` -> Shard(1): columns of matrices are sharded."""
+    from torchcame import CAME
+
+    model = _fsdp_model(shard_dim=1)
+    optim = CAME(param_groups(model), **HYPER)
+    _train(model, optim, rank, world, STEPS)
+    snap = snapshot(model, optim)
+    if rank == 0:
+        snap["placements"] = str(model.fc1.weight.placements)
+        torch.save(snap, out / f"fsdp_shard1_w{world}.pt")
 
 
 def _scenario_hsdp(rank, world, out: Path) -> None:
@@ -431,6 +451,7 @@ def worker(rank: int, world: int, port: int, out: Path, mode: str) -> None:
             _scenario_fsdp(rank, world, out, save_ckpt=world == 2)
             _scenario_placements(rank, world, out)
             _scenario_hsdp(rank, world, out)
+            _scenario_fsdp_shard1(rank, world, out)
             _scenario_from_single(rank, world, out)
             _scenario_count(rank, world, out)
             _scenario_errors(rank, world, out)
@@ -507,6 +528,14 @@ def test_fsdp2_equals_single_process(runs, reference, world):
     assert set(got["full_osd_state"]) == set(got["state"])
     for key, value in got["full_osd_state"].items():
         assert torch.equal(value, got["state"][key]), key
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_shard1_equals_single_process(runs, reference, world):
+    got = _load(runs / f"w{world}" / f"fsdp_shard1_w{world}.pt")
+    assert got["placements"] == "(Shard(dim=1),)"
+    assert_close_rel(got["params"], reference["params"])
+    assert_close_rel(got["state"], reference["state"])
 
 
 @pytest.mark.parametrize("world", [2, 3])
