@@ -24,7 +24,7 @@ pytestmark = [
         not hasattr(torch, "compile") or not torch._dynamo.is_dynamo_supported(),
         reason="torch.compile is not supported here",
     ),
-    # the first step's DCP-caller check (sys._getframe) is a graph break, by design
+    # older trees traced the first-step DCP-caller check (sys._getframe): a harmless warning
     pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace:UserWarning"),
 ]
 
