@@ -12,7 +12,8 @@ downloaded) is trained on the byte corpus of :mod:`torchcame.recipes.data` (defa
 interpreter's standard library). Every rank draws the same global batch and keeps its slice,
 so the losses of a run do not depend on the number of processes (CAME's distributed step is
 exact): compare ``--nproc-per-node 1`` and ``2``. Rank 0 prints the loss and can write a JSON
-log (``--log-json``) and a DCP checkpoint (``--checkpoint DIR``, loadable at any world size).
+log (``--log-json``). ``--checkpoint DIR`` saves a DCP checkpoint at the end, and
+``--resume DIR --steps N`` continues one to step N at any world size.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--log-json", type=Path, default=None, help="write losses as JSON (rank 0)")
     p.add_argument("--checkpoint", type=Path, default=None, help="DCP checkpoint dir at the end")
+    p.add_argument("--resume", type=Path, default=None,
+                   help="DCP checkpoint to continue from (saved at any world size)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     return p
 
@@ -80,6 +83,20 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _resume(model: torch.nn.Module, optim: torch.optim.Optimizer, path: Path) -> int:
+    """Load model and CAME state from a DCP checkpoint (any world size); the step reached."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    optim.init_state()  # zero state to load into, without a CAME step
+    model_sd, optim_sd = get_state_dict(model, optim)
+    progress = {"step": torch.tensor(0)}
+    dcp.load({"model": model_sd, "optim": optim_sd, "progress": progress},
+             checkpoint_id=str(path))
+    set_state_dict(model, optim, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    return int(progress["step"])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
@@ -93,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         model = shard_model(model, model.transformer.h, ctx, fsdp=args.fsdp,
                             param_dtype=torch.bfloat16 if args.bf16 else None)
         optim = CAME(_param_groups(model, args.weight_decay), lr=args.lr)
+        start_step = _resume(model, optim, args.resume) if args.resume else 0
 
         def schedule(step: int) -> float:
+            step += start_step
             if step < args.warmup:
                 return (step + 1) / args.warmup
             progress = (step - args.warmup) / max(1, args.steps - args.warmup)
@@ -103,13 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         sched = torch.optim.lr_scheduler.LambdaLR(optim, schedule)
         corpus = load_corpus(args.data, max_bytes=args.max_bytes)
         sampler = BatchSampler(corpus.train, args.batch_size, args.seq_len + 1, seed=args.seed)
+        for _ in range(start_step):  # the batches the checkpointed run already used
+            next(sampler)
         if ctx.is_main:
             n_params = sum(p.numel() for p in model.parameters())
             print(f"world {ctx.world_size} backend {ctx.backend} device {ctx.device} "
                   f"{'FSDP2' if args.fsdp else 'DDP'}; {n_params / 1e6:.2f}M params; "
                   f"corpus {corpus.name}: {corpus.train.numel()} train bytes", flush=True)
         losses, start = [], time.perf_counter()
-        for step in range(args.steps):
+        for step in range(start_step, args.steps):
             tokens = local_batch(next(sampler), ctx).to(ctx.device)
             logits = model(input_ids=tokens[:, :-1]).logits
             loss = torch.nn.functional.cross_entropy(
@@ -125,13 +146,16 @@ def main(argv: list[str] | None = None) -> int:
             losses.append(global_loss)
             if ctx.is_main and (step % args.log_every == 0 or step == args.steps - 1):
                 print(f"step {step:4d}  loss {global_loss:.6f}  "
-                      f"{(time.perf_counter() - start) / (step + 1):.3f} s/step", flush=True)
+                      f"{(time.perf_counter() - start) / (step + 1 - start_step):.3f} s/step",
+                      flush=True)
         if args.checkpoint is not None:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict
 
             model_sd, optim_sd = get_state_dict(model, optim)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(args.checkpoint))
+            dcp.save({"model": model_sd, "optim": optim_sd,
+                      "progress": {"step": torch.tensor(args.steps)}},
+                     checkpoint_id=str(args.checkpoint))
         if ctx.is_main and args.log_json is not None:
             args.log_json.parent.mkdir(parents=True, exist_ok=True)
             args.log_json.write_text(json.dumps({
