@@ -139,3 +139,21 @@ def test_compiled_step_float_lr_constant() -> None:
     compiled_step = torch.compile(opt.step)
     _train(model, opt, None, step_fn=compiled_step)
     _assert_close_models(model, eager)
+
+
+@pytest.mark.slow  # ~18 s: one compile per distinct float lr
+def test_compiled_step_changing_float_lr_with_weight_decay() -> None:
+    """A float lr changed every step (recompiles, but) still decays with the current lr."""
+    def sched_of(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.7**t)
+
+    eager = _mlp()
+    opt = CAME(eager.parameters(), lr=1e-2, weight_decay=0.5)
+    _train(eager, opt, sched_of(opt))
+
+    model = _mlp()
+    opt = CAME(model.parameters(), lr=1e-2, weight_decay=0.5)
+    sched = sched_of(opt)
+    compiled_step = torch.compile(opt.step)
+    _train(model, opt, None, step_fn=lambda: (compiled_step(), sched.step()))
+    _assert_close_models(model, eager)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from .._factored import approx_rsqrt, ema_, factored_dims, rms
@@ -103,8 +104,12 @@ def apply_update_(
     if weight_decay != 0:
         if isinstance(lr, Tensor):
             param.addcmul_(param, lr.to(param.dtype), value=-weight_decay)
+        elif torch.compiler.is_compiling():
+            # torch 2.13's Dynamo does not guard a float passed as ``alpha=``: a compiled step
+            # would keep decaying with the first lr it saw. Same math, no ``alpha``.
+            param.sub_(param * (weight_decay * lr))
         else:
-            param.add_(param, alpha=-weight_decay * lr)
+            param.add_(param, alpha=-weight_decay * lr)  # the authors' op, bit for bit
     param.sub_(update.mul_(lr))
     if param is not target:
         stochastic_round_(target, param)
