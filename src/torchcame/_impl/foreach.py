@@ -6,10 +6,13 @@ whole group; only the row/column means (whose output shapes differ per tensor) a
 outer products ``row_factor ⊗ col_factor`` are per-tensor calls. The operation order is the
 reference's, so float64 results agree with it to rounding, float32 to a few ulps.
 
-Extra memory during a step: one full-size float buffer per tensor of the group being
-stepped (the normalized update, reused in place for the instability and the final step),
-plus gradient copies for bf16/fp16 parameters (upcast) or ``maximize`` (negated). Groups
-are stepped one after another, so the peak is the largest group, not the whole model.
+Extra memory during a step: one float buffer per tensor of the chunk being stepped (the
+normalized update, reused in place for the instability and the final step), plus gradient
+copies for bf16/fp16 parameters (upcast) or ``maximize`` (negated). Each group is stepped in
+chunks of at most :data:`CHUNK_ELEMENTS` elements (or one tensor, if larger), so the peak is
+``max(CHUNK_ELEMENTS, largest tensor)`` elements rather than the whole model -- and the
+allocator reuses the chunk's memory instead of faulting in fresh pages for every tensor.
+Results do not depend on the chunking (every statistic is per tensor).
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from torch import Tensor
 from .._factored import approx_rsqrt_into, ema_foreach_, is_factored
 from .common import StepArgs, compute_dtype
 
-__all__ = ["step_multi_tensor", "group_tensors"]
+__all__ = ["step_multi_tensor", "group_tensors", "CHUNK_ELEMENTS"]
+
+#: Elements of temporaries per chunk of tensors (16 MiB of float32).
+CHUNK_ELEMENTS = 1 << 22
 
 
 def group_tensors(
@@ -47,13 +53,31 @@ def step_multi_tensor(
     """Apply one CAME step to every ``(param, grad, state)``, in place, group by group."""
     torch._foreach_add_([state["step"] for state in states], 1.0)
     for (_, dtype, factored), index in group_tensors(params, grads, states).items():
-        group_params = [params[i] for i in index]
-        group_grads = [_compute_grad(grads[i], dtype, args.maximize) for i in index]
-        group_states = [states[i] for i in index]
-        if factored:
-            _step_factored(group_params, group_grads, group_states, args)
-        else:
-            _step_full(group_params, group_grads, group_states, args)
+        for chunk in _chunks(index, params):
+            chunk_params = [params[i] for i in chunk]
+            chunk_grads = [_compute_grad(grads[i], dtype, args.maximize) for i in chunk]
+            chunk_states = [states[i] for i in chunk]
+            if factored:
+                _step_factored(chunk_params, chunk_grads, chunk_states, args)
+            else:
+                _step_full(chunk_params, chunk_grads, chunk_states, args)
+
+
+def _chunks(index: list[int], params: list[Tensor]) -> list[list[int]]:
+    """Split ``index`` into runs of at most :data:`CHUNK_ELEMENTS` elements (>= 1 tensor)."""
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i in index:
+        n = params[i].numel()
+        if current and size + n > CHUNK_ELEMENTS:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += n
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def _compute_grad(grad: Tensor, param_dtype: torch.dtype, maximize: bool) -> Tensor:
