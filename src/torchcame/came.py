@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
@@ -305,13 +306,14 @@ class CAME(Optimizer):
         # Validate every group's gradients before changing any state.
         gathered = [self._gather(group) for group in self.param_groups]
 
-        for group, (params, grads) in zip(self.param_groups, gathered):
-            if not params:
-                continue
-            if group["skip_nonfinite"] and not _all_finite(grads):
-                group["skipped_steps"] += 1
-                continue
-            self._step_group(group, params, grads)
+        with _dtensor_batch(gathered):  # FSDP2: one pair of all-reduces for all groups
+            for group, (params, grads) in zip(self.param_groups, gathered):
+                if not params:
+                    continue
+                if group["skip_nonfinite"] and not _all_finite(grads):
+                    group["skipped_steps"] += 1
+                    continue
+                self._step_group(group, params, grads)
         return loss
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
@@ -497,6 +499,16 @@ def _convert_momentum(
     else:
         entry["exp_avg"] = momentum
     return entry
+
+
+def _dtensor_batch(gathered: list[tuple[list[Tensor], list[Tensor]]]) -> Any:
+    """A context that defers the DTensor (FSDP2) work of all groups to one pair of
+    all-reduces (:func:`torchcame.distributed.batched_collectives`); a no-op otherwise."""
+    if any(type(p).__name__ == "DTensor" for params, _ in gathered for p in params):
+        from .distributed import batched_collectives
+
+        return batched_collectives()
+    return contextlib.nullcontext()
 
 
 @torch.compiler.disable

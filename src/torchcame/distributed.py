@@ -6,8 +6,8 @@ statistic ``r`` and ``RMS(u)`` (and the same for the instability ``U``) span the
 Factoring each shard on its own, as the one other distributed CAME does, changes the update
 with the world size. This module computes the update of a single process holding the full
 tensors: everything local is done on ``to_local()`` shards, and the few cross-shard sums of all
-parameters of a param group are packed into one flat buffer per phase, so a step costs **two
-all-reduces per param group**, whatever the number of parameters.
+parameters (of all param groups, when called from ``CAME.step``) are packed into one flat
+buffer per phase, so a step costs **two all-reduces**, whatever the number of parameters.
 
 Which sums a parameter of shape ``(..., n, m)`` needs depends on the dimension it is sharded on
 (``k = ndim``); everything else is exact on the local shard:
@@ -42,9 +42,12 @@ and several sharded mesh dimensions (FSDP + TP) raise :class:`UnsupportedShardin
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +64,7 @@ __all__ = [
     "init_state_dtensor",
     "state_placements",
     "step_dtensor",
+    "batched_collectives",
     "to_param_layout",
     "called_from_dcp_state_init",
     "check_not_flat_partitions",
@@ -317,6 +321,7 @@ class _ParamStep:
     numel: int  # global
     n: int  # global rows (factored)
     m: int  # global cols (factored)
+    args: StepArgs | None = None  # the hyperparameters of the param's group
     partials: list[Tensor] = field(default_factory=list)
     update: Tensor | None = None
 
@@ -470,22 +475,58 @@ def step_dtensor(
 
     The result equals a single process stepping the full tensors (up to float rounding of the
     split sums). Two all-reduces per process group, each carrying all parameters' partial sums.
-    Every rank of the group must call this with the same parameters (as FSDP2 guarantees).
-    ``impl`` is accepted for the signature; local math uses the reference ops.
+    Inside :func:`batched_collectives` (which ``CAME.step`` uses) the work is deferred and all
+    param groups share the two all-reduces. Every rank of the group must call this with the
+    same parameters (as FSDP2 guarantees). ``impl`` is accepted for the signature; the local
+    math uses the reference ops.
     """
     del impl
+    work = _prepare(params, grads, states, args)
+    pending = _PENDING.get()
+    if pending is not None:
+        pending.extend(work)
+    else:
+        _execute(work)
+
+
+_PENDING: ContextVar[list | None] = ContextVar("torchcame_pending_dtensor_steps", default=None)
+
+
+@contextmanager
+def batched_collectives() -> Iterator[None]:
+    """Defer :func:`step_dtensor` work until the block exits, then run it all at once.
+
+    ``CAME.step`` wraps its loop over param groups in this, so the cross-shard sums of every
+    group travel in the same two all-reduces. If the block raises, the deferred work is dropped
+    (no parameter or state has changed). Nested uses join the outermost one.
+    """
+    if _PENDING.get() is not None:
+        yield
+        return
+    pending: list = []
+    token = _PENDING.set(pending)
+    try:
+        yield
+    finally:
+        _PENDING.reset(token)
+    _execute(pending)
+
+
+def _prepare(
+    params: list[Tensor], grads: list[Tensor], states: list[dict], args: StepArgs
+) -> list:
+    """Validate a group and turn it into work items; changes no parameter and no state."""
     if getattr(args, "extended", False):
         raise NotImplementedError(
             "bias_correction, stochastic_rounding and factor_dims other than 'last_two' are not "
             "supported with DTensor (FSDP2) parameters yet"
         )
-    # Validate everything before changing any state.
-    plans = []
+    work: list = []
     for param, grad, state in zip(params, grads, states):
         if not _is_dtensor(param):
             if _is_dtensor(grad):
                 raise TypeError("a plain parameter got a DTensor gradient")
-            plans.append(("plain", param, grad, state, None))
+            work.append(functools.partial(step_single_tensor, [param], [grad], [state], args))
             continue
         check_param(param)
         layout = _layout(param)
@@ -499,53 +540,59 @@ def step_dtensor(
         ):
             grad = grad.redistribute(param.device_mesh, param.placements)
         local_state = {k: _local(v) for k, v in state.items()}
-        local_param = param.to_local()
-        expected = "exp_avg" in local_state and local_state["exp_avg"].shape == local_param.shape
-        if not expected:
+        local_param, local_grad = param.to_local(), grad.to_local()
+        if "exp_avg" not in local_state or local_state["exp_avg"].shape != local_param.shape:
             raise ValueError(
                 f"state of a DTensor parameter of shape {tuple(param.shape)} does not match its "
                 f"local shard {tuple(local_param.shape)}; build it with torchcame.init_state or "
                 "load it with CAME.load_state_dict / set_optimizer_state_dict"
             )
-        plans.append((_role(layout, param.dim()), param, grad, local_state, layout))
-
-    steps: list[_ParamStep] = []
-    for role, param, grad, state, layout in plans:
-        if role == "plain":
-            step_single_tensor([param], [grad], [state], args)
-            continue
-        local_param, local_grad = param.to_local(), grad.to_local()
+        role = _role(layout, param.dim())
         if role == "replicate":  # every rank holds the whole tensor: the reference step
-            step_single_tensor([local_param], [local_grad], [state], args)
+            work.append(functools.partial(
+                step_single_tensor, [local_param], [local_grad], [local_state], args
+            ))
             continue
-        state["step"] += 1
-        if param.numel() == 0:
-            continue
-        dtype = compute_dtype(param.dtype)
-        if local_grad.dtype != dtype:
-            local_grad = local_grad.to(dtype)
-        if args.maximize:
-            local_grad = -local_grad
         shape = param.shape
-        steps.append(
+        work.append(
             _ParamStep(
                 param=local_param,
                 grad=local_grad,
-                state=state,
+                state=local_state,
                 role=role,
                 group=param.device_mesh.get_group(layout.mesh_dim),
                 numel=param.numel(),
                 n=shape[-2] if param.dim() >= 2 else 1,
                 m=shape[-1] if param.dim() >= 1 else 1,
+                args=args,
             )
         )
+    return work
+
+
+def _execute(work: list) -> None:
+    """Run work items: local ones at once, sharded ones in two phases of batched sums."""
+    steps: list[_ParamStep] = []
+    for item in work:
+        if not isinstance(item, _ParamStep):
+            item()
+            continue
+        item.state["step"] += 1
+        if item.numel == 0:
+            continue
+        dtype = compute_dtype(item.param.dtype)
+        if item.grad.dtype != dtype:
+            item.grad = item.grad.to(dtype)
+        if item.args.maximize:
+            item.grad = -item.grad
+        steps.append(item)
     if not steps:
         return
     for s in steps:
-        s.phase1(args)
+        s.phase1(s.args)
     _all_reduce_partials(steps)
     for s in steps:
-        s.phase2(args)
+        s.phase2(s.args)
     _all_reduce_partials(steps)
     for s in steps:
-        s.finish(args)
+        s.finish(s.args)
