@@ -534,6 +534,10 @@ def _first_step_checks(optimizer: CAME) -> bool:
 
 def _all_finite(tensors: list[Tensor]) -> bool:
     """True when every element of every tensor is finite (one host sync)."""
+    if any(type(t).__name__ == "DTensor" for t in tensors):  # FSDP2: all ranks must agree
+        from .distributed import all_finite
+
+        return all_finite(tensors)
     flags = [torch.isfinite(t).all() for t in tensors if t.numel() > 0]
     if not flags:
         return True

@@ -68,6 +68,7 @@ __all__ = [
     "to_param_layout",
     "called_from_dcp_state_init",
     "check_not_flat_partitions",
+    "all_finite",
 ]
 
 _HINT = (
@@ -439,19 +440,49 @@ def _all_reduce_partials(steps: list[_ParamStep]) -> int:
     for s in steps:
         for t in s.partials:
             buckets.setdefault((s.group, t.dtype, t.device), []).append(t)
-    for (group, _, device), tensors in buckets.items():
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        if device.type == "cpu" and "nccl" in str(dist.get_backend(group)):
-            # FSDP2 CPU offload keeps shards (and so the partial sums) on the CPU; NCCL needs
-            # them on the GPU. Buffers are tiny (O(rows + cols) per parameter).
-            flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        flat = flat.to(device)
+    for (group, _, _), tensors in buckets.items():
+        flat = _all_reduce(torch.cat([t.reshape(-1) for t in tensors]), group)
         offset = 0
         for t in tensors:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
     return len(buckets)
+
+
+def _all_reduce(flat: Tensor, group: Any, op: Any = None) -> Tensor:
+    """All-reduce ``flat`` (SUM by default) over ``group``; returns it on its own device."""
+    device = flat.device
+    if device.type == "cpu" and "nccl" in str(dist.get_backend(group)):
+        # FSDP2 CPU offload keeps shards (and so the partial sums) on the CPU; NCCL needs
+        # them on the GPU. Buffers are tiny (O(rows + cols) per parameter).
+        flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM if op is None else op, group=group)
+    return flat.to(device)
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every element of every (D)Tensor is finite, the same answer on every rank.
+
+    For ``skip_nonfinite`` under FSDP2: each rank sees only its shards, so the local answers
+    are combined with one MAX all-reduce per process group of the sharded tensors.
+    """
+    groups: dict[Any, None] = {}
+    local = []
+    for t in tensors:
+        if _is_dtensor(t):
+            layout = _layout(t)
+            if layout.mesh_dim is not None:
+                groups[t.device_mesh.get_group(layout.mesh_dim)] = None
+            t = t.to_local()
+        local.append(t)
+    device = local[0].device if local else torch.device("cpu")
+    flags = [torch.isfinite(t).all().to(device) for t in local if t.numel() > 0]
+    bad = torch.zeros(1, device=device)
+    if flags:
+        bad = (~torch.stack(flags).all()).float().reshape(1)
+    for group in groups:
+        bad = _all_reduce(bad, group, dist.ReduceOp.MAX)
+    return not bool(bad.item())
 
 
 def _role(layout: _Layout, ndim: int) -> str:
