@@ -258,6 +258,25 @@ def _scenario_resume(rank, world, out: Path, ckpt: Path) -> None:
         torch.save(snap, out / f"resume_w{world}.pt")
 
 
+def _scenario_skip_nonfinite(rank, world, out: Path) -> None:
+    """skip_nonfinite under FSDP2: an inf on one rank's shard skips the group on all ranks."""
+    from torchcame import CAME
+
+    model = _fsdp_model()
+    optim = CAME(param_groups(model), **HYPER, skip_nonfinite=True)
+    before = {n: full(p.detach()) for n, p in model.named_parameters()}
+    loss_fn(model, *local_batch(0, rank, world)).backward()
+    if rank == world - 1:
+        model.fc1.weight.grad.to_local()[0, 0] = float("inf")
+    optim.step()  # matrices skipped everywhere, vectors stepped
+    skipped = [g["skipped_steps"] for g in optim.param_groups]
+    after = {n: full(p.detach()) for n, p in model.named_parameters()}
+    if rank == 0:
+        torch.save({"skipped": skipped, "unchanged": {
+            n: (before[n].dim() >= 2, bool(torch.equal(before[n], after[n]))) for n in before}},
+            out / f"skip_w{world}.pt")
+
+
 def _scenario_fsdp_shard1(rank, world, out: Path) -> None:
     """FSDP2 with ``shard_placement_fn`` -> Shard(1): columns of matrices are sharded."""
     from torchcame import CAME
@@ -466,6 +485,7 @@ def worker(rank: int, world: int, port: int, out: Path, mode: str) -> None:
             _scenario_placements(rank, world, out)
             _scenario_hsdp(rank, world, out)
             _scenario_fsdp_shard1(rank, world, out)
+            _scenario_skip_nonfinite(rank, world, out)
             _scenario_from_single(rank, world, out)
             _scenario_count(rank, world, out)
             _scenario_errors(rank, world, out)
@@ -550,6 +570,14 @@ def test_fsdp2_shard1_equals_single_process(runs, reference, world):
     assert got["placements"] == "(Shard(dim=1),)"
     assert_close_rel(got["params"], reference["params"])
     assert_close_rel(got["state"], reference["state"])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_skip_nonfinite_agrees_across_ranks(runs, world):
+    got = _load(runs / f"w{world}" / f"skip_w{world}.pt")
+    assert got["skipped"] == [1, 0]
+    # the matrices' group was skipped (unchanged), the vectors' group stepped
+    assert all(is_matrix == same for is_matrix, same in got["unchanged"].values()), got
 
 
 @pytest.mark.parametrize("world", [2, 3])
