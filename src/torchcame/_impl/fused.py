@@ -98,8 +98,10 @@ def _kernel_grad(grad: Tensor, param: Tensor) -> Tensor:
 
 
 def _lr_tensor(lr: float | Tensor) -> Tensor:
+    """lr for the kernel: a float as a float64 tensor; a tensor lr as float32 (the kernel
+    tells the two apart by dtype, for the reference's weight-decay rounding)."""
     if isinstance(lr, Tensor):
-        return lr.detach().to("cpu")  # a no-op for a CPU lr (no sync)
+        return lr.detach().to("cpu", torch.float32)  # a no-op for a float32 CPU lr (no sync)
     return torch.tensor(lr, dtype=torch.float64)
 
 

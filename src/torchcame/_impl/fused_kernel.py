@@ -24,12 +24,15 @@ compute dtype (float32 for bf16/fp16 params); sums are accumulated in double.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import shutil
+import time
 import warnings
 
 import torch
 
-__all__ = ["load_kernel", "KERNEL_SOURCE"]
+__all__ = ["load_kernel", "kernel_buildable", "KERNEL_SOURCE"]
 
 KERNEL_SOURCE = r"""
 #include <torch/extension.h>
@@ -48,12 +51,23 @@ constexpr int64_t kGrainElems = 32768;
 struct Hyper {
   double lr, weight_decay, beta1, beta2, beta3, eps1, eps2, clip;
   bool maximize;
+  bool lr_is_tensor;  // decay as the reference: -wd * (p * lr), lr rounded to p's dtype
 };
 
-// Per-thread accumulator slots: inside an enclosing parallel region (tensors spread over
-// threads) at::parallel_for runs inline, so one slot per call is enough.
-inline int thread_slots() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
-inline int thread_slot() { return at::in_parallel_region() ? 0 : at::get_thread_num(); }
+// The decay factor of p += factor * p: the reference multiplies by -wd * lr (a Python float,
+// rounded once) for a float lr, and by lr cast to the param's dtype for a tensor lr.
+template <typename param_t, typename acc_t>
+inline acc_t decay_factor(const Hyper& h) {
+  if (h.lr_is_tensor) return acc_t(-h.weight_decay) * acc_t(param_t(acc_t(h.lr)));
+  return acc_t(-h.weight_decay * h.lr);
+}
+
+// Per-thread accumulator slots. Called from inside an enclosing parallel region (tensors
+// spread over threads), at::parallel_for runs inline and one slot is enough; otherwise each
+// worker of the at::parallel_for uses the slot of its thread number. `nested` must be taken
+// before at::parallel_for (inside its body every thread is "in a parallel region").
+inline int thread_slots(bool nested) { return nested ? 1 : at::get_num_threads(); }
+inline int thread_slot(bool nested) { return nested ? 0 : at::get_thread_num(); }
 
 template <typename acc_t>
 inline acc_t rsqrt_(acc_t x) { return acc_t(1) / std::sqrt(x); }
@@ -64,11 +78,12 @@ template <typename acc_t, typename F>
 void row_col_sums(int64_t B, int64_t n, int64_t m, std::vector<double>& row_sum,
                   std::vector<double>& col_sum, const F& f) {
   const int64_t N = B * n;
-  const int nthreads = thread_slots();
+  const bool nested = at::in_parallel_region();
+  const int nthreads = thread_slots(nested);
   std::vector<double> partial((size_t)nthreads * B * m, 0.0);
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(m, 1));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    double* mine = partial.data() + (size_t)thread_slot() * B * m;
+    double* mine = partial.data() + (size_t)thread_slot(nested) * B * m;
     std::vector<acc_t> block(m);
     int64_t k = begin;
     while (k < end) {
@@ -209,14 +224,15 @@ void factored_one(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg
   factors<acc_t>(row.data_ptr<acc_t>(), col.data_ptr<acc_t>(), B, n, m, rf, cf);
 
   // pass 2: sum u^2, u = (rf cf) g
-  const int nthreads = thread_slots();
+  const bool nested = at::in_parallel_region();
+  const int nthreads = thread_slots(nested);
   std::vector<double> sq(nthreads * 8, 0.0);
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     double acc = 0;
     for (int64_t k = begin; k < end; ++k) {
       acc += update_sq_row<param_t, acc_t>(g + k * m, cf.data() + (k / n) * m, rf[k], m);
     }
-    sq[thread_slot() * 8] += acc;
+    sq[thread_slot(nested) * 8] += acc;
   });
   double sumsq = 0;
   for (int t = 0; t < nthreads; ++t) sumsq += sq[t * 8];
@@ -244,7 +260,7 @@ void factored_one(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg
 
   // pass 4: p -= lr * wd * p; p -= lr * (Rf Cf) m
   const acc_t lr = acc_t(h.lr);
-  const acc_t decay = acc_t(-h.weight_decay * h.lr);
+  const acc_t decay = decay_factor<param_t, acc_t>(h);
   const bool has_decay = h.weight_decay != 0;
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
@@ -264,7 +280,8 @@ void full_one(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
   acc_t* v = exp_avg_sq.data_ptr<acc_t>();
   const acc_t eps1 = acc_t(h.eps1), b2 = acc_t(h.beta2), a2 = acc_t(1.0 - h.beta2);
   const acc_t sign = h.maximize ? acc_t(-1) : acc_t(1);
-  const int nthreads = thread_slots();
+  const bool nested = at::in_parallel_region();
+  const int nthreads = thread_slots(nested);
   std::vector<double> sq(nthreads * 8, 0.0);
   at::parallel_for(0, numel, kGrainElems, [&](int64_t begin, int64_t end) {
     acc_t s = 0;
@@ -277,7 +294,7 @@ void full_one(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
       const acc_t u = (acc_t(1) / std::sqrt(vv)) * gv;
       s += u * u;
     }
-    sq[thread_slot() * 8] += s;
+    sq[thread_slot(nested) * 8] += s;
   });
   double sumsq = 0;
   for (int t = 0; t < nthreads; ++t) sumsq += sq[t * 8];
@@ -285,7 +302,7 @@ void full_one(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
   const acc_t denom = std::max(rms / acc_t(h.clip), acc_t(1));
   const acc_t b1 = acc_t(h.beta1), a1 = acc_t(1.0 - h.beta1);
   const acc_t lr = acc_t(h.lr);
-  const acc_t decay = acc_t(-h.weight_decay * h.lr);
+  const acc_t decay = decay_factor<param_t, acc_t>(h);
   const bool has_decay = h.weight_decay != 0;
   at::parallel_for(0, numel, kGrainElems, [&](int64_t begin, int64_t end) {
 #pragma omp simd
@@ -303,8 +320,10 @@ void full_one(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
 Hyper make_hyper(const at::Tensor& lr, double weight_decay, std::vector<double> betas,
                  std::vector<double> eps, double clip, bool maximize) {
   TORCH_CHECK(lr.numel() == 1 && lr.device().is_cpu(), "lr must be a 1-element CPU tensor");
+  // A float lr arrives as a float64 tensor; a user's tensor lr keeps its own dtype.
+  const bool lr_is_tensor = lr.scalar_type() != at::kDouble;
   return Hyper{lr.to(at::kDouble).item<double>(), weight_decay, betas[0], betas[1], betas[2],
-               eps[0], eps[1], clip, maximize};
+               eps[0], eps[1], clip, maximize, lr_is_tensor};
 }
 
 }  // namespace
@@ -415,15 +434,57 @@ def _vector_flags() -> tuple[str, list[str]]:
     return capability, flags
 
 
-def load_kernel(verbose: bool = False):
-    """The compiled kernel module, or ``None`` if it cannot be built (reason in a warning)."""
-    global _module, _failure
-    if _module is not None or _failure is not None:
-        return _module
+_log = logging.getLogger("torchcame")
+
+#: Seconds the last build took (``None`` when the kernel came from the cache).
+last_build_seconds: float | None = None
+
+
+def _build_name() -> tuple[str, list[str]]:
     capability, vector_flags = _vector_flags()
     cflags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", *vector_flags]
     key = hashlib.sha1((KERNEL_SOURCE + " ".join(cflags) + torch.__version__).encode())
-    name = f"torchcame_fused_{capability.lower()}_{key.hexdigest()[:12]}"
+    return f"torchcame_fused_{capability.lower()}_{key.hexdigest()[:12]}", cflags
+
+
+def _cached(name: str) -> bool:
+    """Whether a built module of this name is in torch's extension cache."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return os.path.exists(os.path.join(_get_build_directory(name, False), f"{name}.so"))
+    except Exception:
+        return False
+
+
+def kernel_buildable() -> bool:
+    """Whether the kernel is loaded, cached, or a C++ compiler is on ``PATH`` (no building)."""
+    if _module is not None:
+        return True
+    if _failure is not None or os.environ.get("TORCHCAME_NO_KERNEL"):
+        return False
+    compiler = os.environ.get("CXX", "c++")
+    return _cached(_build_name()[0]) or shutil.which(compiler) is not None
+
+
+def load_kernel(verbose: bool = False):
+    """The compiled kernel module, or ``None`` if it cannot be built (reason in a warning).
+
+    The environment variable ``TORCHCAME_NO_KERNEL=1`` disables the kernel (the fused path
+    then runs the multi-tensor path).
+    """
+    global _module, _failure, last_build_seconds
+    if _module is not None or _failure is not None:
+        return _module
+    if os.environ.get("TORCHCAME_NO_KERNEL"):
+        _failure = "disabled by TORCHCAME_NO_KERNEL"
+        return None
+    name, cflags = _build_name()
+    cached = _cached(name)
+    if not cached:
+        _log.warning("torchcame: building the fused CPU kernel %s (one time, about a minute; "
+                     "cached afterwards; fused=False skips it)", name)
+    start = time.perf_counter()
     try:
         from torch.utils.cpp_extension import load_inline
 
@@ -435,6 +496,9 @@ def load_kernel(verbose: bool = False):
             extra_ldflags=["-fopenmp"],
             verbose=verbose or bool(os.environ.get("TORCHCAME_VERBOSE_BUILD")),
         )
+        if not cached:
+            last_build_seconds = time.perf_counter() - start
+            _log.warning("torchcame: fused CPU kernel built in %.0f s", last_build_seconds)
     except Exception as exc:  # no compiler, no headers, ...
         _failure = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         warnings.warn(
