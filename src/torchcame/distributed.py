@@ -378,6 +378,10 @@ class _ParamStep:
             sum_sq = (ratio.div_(row).sum(dim=-1) * row_mean).sum()
             self.update = approx_rsqrt(row, st["exp_avg_sq_col"]).mul_(g)
         update = self.update
+        if args.bias_correction:  # v_hat / (1 - beta2^t)  =>  u * sqrt(1 - beta2^t)
+            correction = 1.0 - beta2 ** float(st["step"])
+            update.mul_(math.sqrt(correction))
+            sum_sq = sum_sq * correction
         # 4. u_hat = u / max(1, RMS(u) / d), RMS over the whole (global) tensor
         rms = sum_sq.reshape(()).sqrt() / math.sqrt(self.numel)
         update.div_((rms / args.clip_threshold).clamp_(min=1.0))
@@ -418,7 +422,14 @@ class _ParamStep:
             self.update = approx_rsqrt(st["exp_avg_res_row"], st["exp_avg_res_col"]).mul_(
                 st["exp_avg"]
             )
-        apply_update_(self.param, self.update, args.lr, args.weight_decay)
+        if args.bias_correction:  # m / (1 - beta1^t) and S_hat / (1 - beta3^t)
+            step = float(st["step"])
+            scale = 1.0 / (1.0 - args.betas[0] ** step)
+            if self.role != "vector":
+                scale *= math.sqrt(1.0 - beta3**step)
+            self.update.mul_(scale)
+        apply_update_(self.param, self.update, args.lr, args.weight_decay,
+                      args.stochastic_rounding)
         self.update = None
         self.partials = []
 
@@ -547,10 +558,10 @@ def _prepare(
     params: list[Tensor], grads: list[Tensor], states: list[dict], args: StepArgs
 ) -> list:
     """Validate a group and turn it into work items; changes no parameter and no state."""
-    if getattr(args, "extended", False):
+    if getattr(args, "factor_dims", "last_two") != "last_two":
         raise NotImplementedError(
-            "bias_correction, stochastic_rounding and factor_dims other than 'last_two' are not "
-            "supported with DTensor (FSDP2) parameters yet"
+            "factor_dims other than 'last_two' is not supported with DTensor (FSDP2) "
+            "parameters yet"
         )
     work: list = []
     for param, grad, state in zip(params, grads, states):
