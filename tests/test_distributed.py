@@ -116,11 +116,11 @@ def snapshot(model: nn.Module, optim) -> dict:
 
 
 @functools.lru_cache(maxsize=4)
-def reference_run(steps: int) -> dict:
+def reference_run(steps: int, bias_correction: bool = False) -> dict:
     from torchcame import CAME
 
     model = make_net()
-    optim = CAME(param_groups(model), **HYPER)
+    optim = CAME(param_groups(model), **HYPER, bias_correction=bias_correction)
     for step in range(steps):
         idx, target = batch(step)
         loss_fn(model, idx, target).backward()
@@ -275,6 +275,18 @@ def _scenario_skip_nonfinite(rank, world, out: Path) -> None:
         torch.save({"skipped": skipped, "unchanged": {
             n: (before[n].dim() >= 2, bool(torch.equal(before[n], after[n]))) for n in before}},
             out / f"skip_w{world}.pt")
+
+
+def _scenario_bias_correction(rank, world, out: Path) -> None:
+    """The opt-in bias correction under FSDP2."""
+    from torchcame import CAME
+
+    model = _fsdp_model()
+    optim = CAME(param_groups(model), **HYPER, bias_correction=True)
+    _train(model, optim, rank, world, STEPS)
+    snap = snapshot(model, optim)
+    if rank == 0:
+        torch.save(snap, out / f"bias_correction_w{world}.pt")
 
 
 def _scenario_fsdp_shard1(rank, world, out: Path) -> None:
@@ -486,6 +498,7 @@ def worker(rank: int, world: int, port: int, out: Path, mode: str) -> None:
             _scenario_hsdp(rank, world, out)
             _scenario_fsdp_shard1(rank, world, out)
             _scenario_skip_nonfinite(rank, world, out)
+            _scenario_bias_correction(rank, world, out)
             _scenario_from_single(rank, world, out)
             _scenario_count(rank, world, out)
             _scenario_errors(rank, world, out)
@@ -570,6 +583,14 @@ def test_fsdp2_shard1_equals_single_process(runs, reference, world):
     assert got["placements"] == "(Shard(dim=1),)"
     assert_close_rel(got["params"], reference["params"])
     assert_close_rel(got["state"], reference["state"])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_bias_correction_equals_single_process(runs, world):
+    got = _load(runs / f"w{world}" / f"bias_correction_w{world}.pt")
+    ref = reference_run(STEPS, bias_correction=True)
+    assert_close_rel(got["params"], ref["params"])
+    assert_close_rel(got["state"], ref["state"])
 
 
 @pytest.mark.parametrize("world", [2, 3])
