@@ -9,6 +9,7 @@ Usage (from the repository root, the ``[recipes]`` extra installed)::
     python benchmarks/evidence.py bert           # BERT, 3 seeds, best lr of the sweep each
     python benchmarks/evidence.py large-batch    # BERT at 8x the batch, sqrt-scaled lrs
     python benchmarks/evidence.py toy            # the 1-layer MLP toy problem
+    python benchmarks/evidence.py lr-check-gpt   # GPT, 300 steps: the sweep's lr vs neighbours
     python benchmarks/evidence.py summary        # print the markdown tables of all results
 
 Every experiment writes ``benchmarks/results/evidence/<name>/`` (``results.json``,
@@ -237,6 +238,50 @@ def large_batch(force: bool, progress: bool) -> None:
     print(markdown_table(summarize(runs)))
 
 
+def neighbours(force: bool, progress: bool) -> None:
+    """Is the 100-step sweep's choice still best at the main length? GPT, seed 0, 300 steps,
+    each optimizer at its grid neighbours (lr/3 and 3·lr) beside the main run's chosen lr."""
+    name = "lr-check-gpt"
+    if _done(name, force):
+        return
+    best = _sweep_best("gpt")
+    main = json.loads((RESULTS / "gpt" / "results.json").read_text())
+    cfg = LMConfig(
+        task="gpt",
+        **BASE,
+        batch_size=BASE_BATCH,
+        steps=MAIN_STEPS,
+        warmup=MAIN_STEPS // 10,
+        eval_every=25,
+        eval_batches=8,
+        optimizers=("came", "adamw", "adafactor"),
+        seeds=(0,),
+        measure_memory=False,
+    )
+    from torchcame.recipes.data import load_corpus
+
+    corpus = load_corpus(None, max_bytes=cfg.max_bytes)
+    runs = []
+    t0 = time.perf_counter()
+    for opt in cfg.optimizers:
+        grid = SWEEP_LRS[opt]
+        i = grid.index(best[opt])
+        for lr in grid[max(0, i - 1) : i + 2]:
+            if lr == best[opt]:
+                runs += [r for r in main["runs"] if r["optimizer"] == opt and r["seed"] == 0]
+                continue
+            _log(f"{name}: {opt} lr={lr:g}")
+            runs.append(run_one(cfg, corpus, opt, 0, lr=lr, progress=progress))
+    write_report(
+        RESULTS / name,
+        title=f"GPT, {MAIN_STEPS} steps, seed 0: the sweep's lr and its neighbours",
+        config=cfg.as_dict(),
+        runs=runs,
+        extra={"wall_seconds": time.perf_counter() - t0},
+    )
+    print(markdown_table(summarize(runs)))
+
+
 def toy(force: bool, progress: bool) -> None:
     name = "toy"
     if _done(name, force):
@@ -249,15 +294,19 @@ def toy(force: bool, progress: bool) -> None:
 
 
 def summary() -> None:
-    for name in ("sweep-gpt", "sweep-bert", "gpt", "bert", "large-batch", "toy"):
+    for name in EXPERIMENTS:
         path = RESULTS / name / "results.json"
         if not path.exists():
             print(f"## {name}: not run\n")
             continue
         data = json.loads(path.read_text())
         print(f"## {name} ({data.get('wall_seconds', 0):.0f} s)\n")
-        if "summary" in data:
+        if isinstance(data.get("summary"), list):
             print(markdown_table(data["summary"]))
+        elif name == "toy":
+            for opt, row in data["summary"].items():
+                print(f"{opt}: lr {row['lr']:g}, final loss {row['final_train_loss']}, "
+                      f"departure {row['departure']}")
         for line in data.get("claim_checks", []):
             print(line)
         if "best_lr" in data:
@@ -270,7 +319,7 @@ def summary() -> None:
         print()
 
 
-EXPERIMENTS = ("sweep-gpt", "sweep-bert", "gpt", "bert", "large-batch", "toy")
+EXPERIMENTS = ("sweep-gpt", "sweep-bert", "gpt", "bert", "large-batch", "toy", "lr-check-gpt")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             large_batch(args.force, args.progress)
         elif what == "toy":
             toy(args.force, args.progress)
+        elif what == "lr-check-gpt":
+            neighbours(args.force, args.progress)
         _log(f"{what} done in {time.perf_counter() - t0:.0f} s")
     return 0
 
