@@ -58,8 +58,18 @@ def run_demo(args: argparse.Namespace) -> int:
         f"{cfg.batch_size}x{cfg.seq_len} tokens, optimizers {', '.join(cfg.optimizers)}, "
         f"{threads} threads"
     )
+    notes = (
+        [
+            "Learning rates are each optimizer's customary one (CAME: the authors' 2e-4; AdamW "
+            "1e-3; Adafactor: torch's default 1e-2), not tuned; docs/evidence.md sweeps them and "
+            "repeats the comparison over 3 seeds with the best of each."
+        ]
+        if not args.lr
+        else []
+    )
     run_and_report(
         cfg,
+        notes=notes,
         title="torchcame demo: GPT-2 on bytes, CAME vs AdamW vs Adafactor",
         out=out,
         progress=not args.no_progress,

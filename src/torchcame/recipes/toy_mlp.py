@@ -60,6 +60,7 @@ class ToyConfig:
     steps: int = 400
     eval_every: int = 10
     seeds: tuple[int, ...] = (0, 1, 2)
+    device: str = "cpu"
     lrs: dict[str, tuple[float, ...]] = field(
         default_factory=lambda: {
             "adam": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
@@ -156,7 +157,8 @@ def _model(cfg: ToyConfig, seed: int) -> nn.Module:
 
 
 def _train(cfg: ToyConfig, x, y, name: str, lr: float, seed: int) -> dict[str, Any]:
-    model = _model(cfg, seed)
+    model = _model(cfg, seed).to(cfg.device)
+    x, y = x.to(cfg.device), y.to(cfg.device)
     opt = _build(name, model.parameters(), lr)
     gen = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
@@ -169,7 +171,7 @@ def _train(cfg: ToyConfig, x, y, name: str, lr: float, seed: int) -> dict[str, A
 
     evaluate(0)
     for step in range(cfg.steps):
-        idx = torch.randint(0, cfg.n_samples, (cfg.batch_size,), generator=gen)
+        idx = torch.randint(0, cfg.n_samples, (cfg.batch_size,), generator=gen).to(cfg.device)
         loss = loss_fn(model(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -346,12 +348,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=LR[,LR...]",
         help="lrs to try for one optimizer, e.g. came=1e-2,3e-2",
     )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     cfg = ToyConfig(
+        device=args.device,
         steps=args.steps,
         batch_size=args.batch_size,
         n_hidden=args.hidden,
