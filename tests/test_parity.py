@@ -95,7 +95,7 @@ def test_matches_came_pytorch_low_precision_params(dtype):
                 assert value.dtype == torch.float32, key
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15, deadline=None, derandomize=True)
 @given(
     shapes=st.lists(
         st.lists(st.integers(1, 6), min_size=0, max_size=4).map(tuple), min_size=1, max_size=4

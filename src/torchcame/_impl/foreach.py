@@ -154,7 +154,9 @@ def _step_full(
 def _clip_by_rms_(updates: list[Tensor], clip_threshold: float) -> None:
     """``u /= max(1, RMS(u) / d)`` for each tensor (no host sync)."""
     norms = torch._foreach_norm(updates, 2)
-    torch._foreach_div_(norms, [math.sqrt(u.numel()) * clip_threshold for u in updates])
+    # RMS, then / d: two divisions as in the reference (one by sqrt(n) * d rounds differently)
+    torch._foreach_div_(norms, [math.sqrt(u.numel()) for u in updates])
+    torch._foreach_div_(norms, clip_threshold)
     torch._foreach_clamp_min_(norms, 1.0)
     torch._foreach_div_(updates, norms)
 
