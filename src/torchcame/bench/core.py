@@ -202,9 +202,14 @@ def run_set(
             bar.update(1)
         opts[cand.name] = opt
 
-    memory: dict[str, tuple[int, str]] = {}
+    memory: dict[str, tuple[int | None, str]] = {}
     for cand in cands:
-        memory[cand.name] = _extra_step_bytes(opts[cand.name], device)
+        if cand.name == "CAME compiled" and device.type == "cpu":
+            # torch.compile refuses to run under the CPU tracker's dispatch mode (the step
+            # would fall back to eager code), so there is nothing meaningful to measure.
+            memory[cand.name] = (None, "n/a: torch.compile does not run under a dispatch mode")
+        else:
+            memory[cand.name] = _extra_step_bytes(opts[cand.name], device)
         bar.update(1)
 
     items = [c.name for c in cands] + ["copy"]
@@ -243,7 +248,7 @@ def run_set(
             "state_bytes": state,
             "state_ratio_to_adamw": state / adamw_state if adamw_state else None,
             "extra_step_bytes": extra,
-            "extra_step_ratio_to_params": extra / (numel * element_size),
+            "extra_step_ratio_to_params": None if extra is None else extra / (numel * element_size),
             "memory_method": method,
             "first_step_s": first[cand.name],
             "step_times_s": t,
@@ -347,7 +352,8 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{r['ratio_to_adamw_fused']:.2f} | {r['ratio_to_floor']:.2f} | "
                 f"{_mib(r['state_bytes'])} | "
                 f"{'' if state_ratio is None else f'{state_ratio:.2f}'} | "
-                f"{_mib(r['extra_step_bytes'])} | {r['first_step_s']:.2f} |"
+                f"{'n/a' if r['extra_step_bytes'] is None else _mib(r['extra_step_bytes'])} | "
+                f"{r['first_step_s']:.2f} |"
             )
         lines.append("")
     return "\n".join(lines)
