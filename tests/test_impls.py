@@ -145,6 +145,24 @@ def test_fused_non_contiguous_params_use_foreach_and_match():
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-14)
 
 
+@needs_kernel
+def test_fused_float32_grads_of_bf16_params_are_not_rounded():
+    """Mixed precision: float32 grads for bf16 params, upcast as the reference does."""
+    gen = torch.Generator().manual_seed(5)
+    ref = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in [(40, 30), (30,)]]
+    ours = [p.clone() for p in ref]
+    sa, sb = [init_state(p) for p in ref], [init_state(p) for p in ours]
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in ref]  # float32
+        came(ref, grads, sa, lr=1e-2, foreach=False)
+        came(ours, grads, sb, lr=1e-2, fused=True)
+    for a, b in zip(sb, sa, strict=True):
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("flags", [dict(foreach=True), pytest.param(dict(fused=True),
                                                                      marks=needs_kernel)])
 def test_optimizer_groups_and_none_grads_match_reference(flags):

@@ -13,7 +13,8 @@ Two backends, chosen per device:
 
 When the kernel cannot be built (no compiler) or ``torch.compile`` fails, a warning is
 issued once and the multi-tensor path runs instead, with the same results. Non-contiguous
-tensors are stepped by the multi-tensor path.
+tensors, and gradients whose dtype differs from the parameter's, are stepped by the
+multi-tensor path.
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ def step_fused(
             continue
         keys = _FACTORED_KEYS if is_factored(param.shape) else _FULL_KEYS
         tensors = [param, *(states[i][k] for k in keys)]
-        if param.dtype not in _KERNEL_DTYPES or not all(t.is_contiguous() for t in tensors):
+        if (param.dtype not in _KERNEL_DTYPES or grads[i].dtype != param.dtype
+                or not all(t.is_contiguous() for t in tensors)):
+            # e.g. float32 grads of bf16 params: the kernel reads grads in the param's dtype,
+            # and rounding them to bf16 would change the result; the foreach path upcasts.
             fallback.append(i)
         elif param.device.type == "cpu":
             cpu.append(i)
@@ -92,9 +96,7 @@ def _step_unstepped_foreach(params, grads, states, args) -> None:
 
 
 def _kernel_grad(grad: Tensor, param: Tensor) -> Tensor:
-    if grad.dtype != param.dtype:
-        grad = grad.to(param.dtype)
-    return grad.contiguous()
+    return grad.contiguous()  # same dtype as param (checked in step_fused)
 
 
 def _lr_tensor(lr: float | Tensor) -> Tensor:
