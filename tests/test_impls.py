@@ -36,7 +36,7 @@ STEPS = 50
 CONFIGS = {
     "default": dict(lr=1e-2),
     "decay-maximize": dict(lr=3e-3, weight_decay=0.1, maximize=True,
-                           betas=(0.8, 0.99, 0.999), clip_threshold=0.5),
+                           betas=(0.8, 0.99, 0.999), clip_threshold=0.3),
     "tensor-lr": dict(lr="tensor", weight_decay=0.01, eps=(1e-20, 1e-12)),
 }
 
