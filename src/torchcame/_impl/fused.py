@@ -100,18 +100,18 @@ def _kernel_grad(grad: Tensor, param: Tensor) -> Tensor:
 
 
 def _lr_tensor(lr: float | Tensor) -> Tensor:
-    """lr for the kernel: a float as a float64 tensor; a tensor lr as float32 (the kernel
-    tells the two apart by dtype, for the reference's weight-decay rounding)."""
+    """lr for the kernel, as a CPU tensor (a no-op for a CPU tensor lr: no sync, no copy)."""
     if isinstance(lr, Tensor):
-        return lr.detach().to("cpu", torch.float32)  # a no-op for a float32 CPU lr (no sync)
+        return lr.detach().to("cpu")
     return torch.tensor(lr, dtype=torch.float64)
 
 
 def _step_kernel(kernel, params: list[Tensor], grads: list[Tensor], states: list[dict],
                  args: StepArgs) -> None:
     lr = _lr_tensor(args.lr)
-    hyper = (float(args.weight_decay), list(args.betas), list(args.eps),
-             float(args.clip_threshold), bool(args.maximize))
+    # a tensor lr changes how the reference rounds weight decay (lr cast to the param dtype)
+    hyper = (isinstance(args.lr, Tensor), float(args.weight_decay), list(args.betas),
+             list(args.eps), float(args.clip_threshold), bool(args.maximize))
     factored = [i for i, p in enumerate(params) if is_factored(p.shape)]
     full = [i for i, p in enumerate(params) if not is_factored(p.shape)]
     if factored:

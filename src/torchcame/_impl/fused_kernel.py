@@ -317,11 +317,10 @@ void full_one(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
   });
 }
 
-Hyper make_hyper(const at::Tensor& lr, double weight_decay, std::vector<double> betas,
-                 std::vector<double> eps, double clip, bool maximize) {
+Hyper make_hyper(const at::Tensor& lr, bool lr_is_tensor, double weight_decay,
+                 std::vector<double> betas, std::vector<double> eps, double clip,
+                 bool maximize) {
   TORCH_CHECK(lr.numel() == 1 && lr.device().is_cpu(), "lr must be a 1-element CPU tensor");
-  // A float lr arrives as a float64 tensor; a user's tensor lr keeps its own dtype.
-  const bool lr_is_tensor = lr.scalar_type() != at::kDouble;
   return Hyper{lr.to(at::kDouble).item<double>(), weight_decay, betas[0], betas[1], betas[2],
                eps[0], eps[1], clip, maximize, lr_is_tensor};
 }
@@ -363,10 +362,10 @@ void check_dtypes(const std::vector<at::Tensor>& params) {
 void factored_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
                    std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> rows,
                    std::vector<at::Tensor> cols, std::vector<at::Tensor> res_rows,
-                   std::vector<at::Tensor> res_cols, at::Tensor lr, double weight_decay,
-                   std::vector<double> betas, std::vector<double> eps, double clip,
-                   bool maximize) {
-  const Hyper h = make_hyper(lr, weight_decay, betas, eps, clip, maximize);
+                   std::vector<at::Tensor> res_cols, at::Tensor lr, bool lr_is_tensor,
+                   double weight_decay, std::vector<double> betas, std::vector<double> eps,
+                   double clip, bool maximize) {
+  const Hyper h = make_hyper(lr, lr_is_tensor, weight_decay, betas, eps, clip, maximize);
   check_dtypes(params);
   for_each_tensor(params, [&](size_t i) {
     auto& p = params[i];
@@ -392,9 +391,9 @@ void factored_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads
 
 void full_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
                std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
-               at::Tensor lr, double weight_decay, std::vector<double> betas,
+               at::Tensor lr, bool lr_is_tensor, double weight_decay, std::vector<double> betas,
                std::vector<double> eps, double clip, bool maximize) {
-  const Hyper h = make_hyper(lr, weight_decay, betas, eps, clip, maximize);
+  const Hyper h = make_hyper(lr, lr_is_tensor, weight_decay, betas, eps, clip, maximize);
   check_dtypes(params);
   for_each_tensor(params, [&](size_t i) {
     auto& p = params[i];
