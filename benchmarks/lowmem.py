@@ -258,19 +258,24 @@ def part_quality(steps: int, seeds: list[int]) -> dict:
 
 def markdown(results: dict) -> str:
     lines = [f"# Low-memory CAME — measured ({time.strftime('%Y-%m-%d')})", "",
-             "Command: `python benchmarks/lowmem.py " + " ".join(sys.argv[1:]) + "`", "",
-             f"Machine: {json.dumps(results['machine'])}", ""]
+             "Each section names the command that produced it (`python benchmarks/lowmem.py` "
+             "runs them all).", "", f"Machine: {json.dumps(results['machine'])}", ""]
+
+    def command(part) -> list[str]:
+        return [f"Command: `{part.get('command', 'python benchmarks/lowmem.py')}`", ""]
+
     if "state" in results:
         r = results["state"]
-        lines += [f"## Optimizer state on GPT-2 124M shapes ({r['params'] / 1e6:.1f}M params)", "",
-                  "| optimizer | state MB | bytes / param | × AdamW |", "|---|---|---|---|"]
+        lines += [f"## Optimizer state on GPT-2 124M shapes ({r['params'] / 1e6:.1f}M params)", ""]
+        lines += command(r) + ["| optimizer | state MB | bytes / param | × AdamW |",
+                               "|---|---|---|---|"]
         lines += [f"| {x['optimizer']} | {x['state_bytes'] / MB:.1f} | {x['bytes_per_param']:.3f} "
                   f"| {x['ratio_to_adamw']:.3f} |" for x in r["rows"]]
         lines.append("")
     for r in results.get("peak", []):
         lines += [f"## Peak training-step memory, demo model (batch {r['batch_size']}×"
-                  f"{r['seq_len']})", "",
-                  "| configuration | peak MB | params MB | state MB | × AdamW fp32 |",
+                  f"{r['seq_len']})", ""]
+        lines += command(r) + ["| configuration | peak MB | params MB | state MB | × AdamW fp32 |",
                   "|---|---|---|---|---|"]
         lines += [f"| {x['config']} | {x['peak_bytes'] / MB:.2f} | {x['params_bytes'] / MB:.2f} | "
                   f"{x['state_bytes'] / MB:.2f} | {x['ratio_to_adamw_fp32']:.3f} |"
@@ -278,9 +283,10 @@ def markdown(results: dict) -> str:
         lines.append("")
     if "error" in results:
         r = results["error"]
-        lines += ["## int8 momentum error by block size", "",
-                  "| step | block | relative L2 error | max error / (absmax/254) | bytes/elem |",
-                  "|---|---|---|---|---|"]
+        lines += ["## int8 momentum error by block size", ""]
+        lines += command(r) + [
+            "| step | block | relative L2 error | max error / (absmax/254) | bytes/elem |",
+            "|---|---|---|---|---|"]
         lines += [f"| {s['step']} | {s['block_size']} | {s['relative_l2_error']:.4f} | "
                   f"{s['max_error_over_bound']:.3f} | {s['bytes_per_element']:.4f} |"
                   for s in r["samples"]]
@@ -288,8 +294,8 @@ def markdown(results: dict) -> str:
     if "quality" in results:
         r = results["quality"]
         lines += [f"## Final validation loss, GPT recipe (demo model, {r['steps']} steps, "
-                  f"seeds {r['seeds']})", "",
-                  "| mode | mean ± std | vs fp32 CAME |", "|---|---|---|"]
+                  f"seeds {r['seeds']})", ""]
+        lines += command(r) + ["| mode | mean ± std | vs fp32 CAME |", "|---|---|---|"]
         lines += [f"| {x['mode']} | {x['mean']:.4f} ± {x['std']:.4f} | "
                   f"{100 * x['relative_to_fp32']:+.2f}% |" for x in r["rows"]]
         lines.append("")
@@ -315,15 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / "lowmem.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results["machine"] = machine_info()
+    cmd = "python benchmarks/lowmem.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if "state" in args.parts:
-        results["state"] = part_state()
+        results["state"] = {**part_state(), "command": cmd}
     if "peak" in args.parts:
-        results["peak"] = [part_peak(b) for b in args.batch_sizes]
+        results["peak"] = [{**part_peak(b), "command": cmd} for b in args.batch_sizes]
     if "error" in args.parts:
-        results["error"] = part_error(args.error_steps, args.block_sizes)
+        results["error"] = {**part_error(args.error_steps, args.block_sizes), "command": cmd}
         plot_error(results["error"], args.out / "int8_error.png")
     if "quality" in args.parts:
-        results["quality"] = part_quality(args.quality_steps, args.seeds)
+        results["quality"] = {**part_quality(args.quality_steps, args.seeds), "command": cmd}
     write_json(results, path)
     (args.out / "lowmem.md").write_text(markdown(results) + "\n")
     print(markdown(results))
