@@ -235,3 +235,42 @@ def test_step_in_backward_remove_restores_normal_stepping():
 def test_step_in_backward_refuses_other_optimizers():
     with pytest.raises(TypeError, match="CAME"):
         step_in_backward(torch.optim.SGD(_model().parameters(), lr=0.1))
+
+
+# ---------------------------------------------------------------- on the fast paths
+
+
+@pytest.mark.parametrize("impl", [dict(foreach=True), dict(fused=True)])
+@pytest.mark.parametrize("options", [
+    dict(momentum_dtype="int8"),
+    dict(momentum_dtype=torch.bfloat16),
+    dict(momentum_dtype="int8", stochastic_rounding=True),
+])
+def test_lowmem_options_on_fast_paths_match_reference(impl, options, monkeypatch):
+    import torchcame.functional as F
+
+    monkeypatch.setattr(F, "_CHUNK_NUMEL", 6000)  # several chunks
+    dtype = torch.bfloat16 if options.get("stochastic_rounding") else torch.float32
+    params = make_params(BIG + SMALL, dtype)
+    ref = clone_params(params)
+    torch.manual_seed(7)
+    opt = _run(params, 6, foreach=impl.get("foreach"), fused=impl.get("fused"), **options)
+    torch.manual_seed(7)
+    opt_ref = _run(ref, 6, foreach=False, **options)
+    exact = "foreach" in impl
+    for p, q in zip(params, ref):
+        if exact:
+            assert torch.equal(p, q)
+        else:  # fused: float32 rounding differs in the last bits; bf16 within one ulp
+            tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0,
+                                                                                  atol=2**-5)
+            torch.testing.assert_close(p, q, **tol)
+        for key, value in opt_ref.state[q].items():
+            got = opt.state[p][key]
+            assert got.dtype == value.dtype, key
+            if exact or key == "step":
+                assert torch.equal(got, value), key
+            elif value.dtype == torch.int8:  # a code may flip where a value sits on a boundary
+                assert (got.int() - value.int()).abs().max() <= 1, key
+            else:
+                torch.testing.assert_close(got.float(), value.float(), rtol=1e-2, atol=1e-4)

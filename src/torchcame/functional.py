@@ -151,8 +151,11 @@ def came(
         block_size, stochastic_rounding, bias_correction, factor_dims, factor_min_dim: the
             opt-in extensions of :class:`torchcame.CAME` (``factor_dims``/``factor_min_dim``
             and the momentum storage must match how ``states`` were built by
-            :func:`init_state`). Only the reference implementation has them: a step that
-            uses one, or low-precision momentum, runs there whatever ``foreach``/``fused`` say.
+            :func:`init_state`). bf16/int8 momentum and stochastic rounding work on every
+            path (the fast paths step chunks of tensors on a float32 copy of their momentum,
+            and of their weights for stochastic rounding); ``bias_correction`` and
+            ``factor_dims="largest"`` run on the reference path whatever ``foreach``/``fused``
+            say.
 
     Hyperparameters are not validated here; :class:`torchcame.CAME` validates them.
     """
@@ -178,7 +181,7 @@ def came(
     )
     impl = _resolve_impl(params, foreach, fused)
     params, grads, states = list(params), list(grads), list(states)
-    if impl != "reference" and (args.extended or _has_lowbit_momentum(states)):
+    if impl != "reference" and (args.bias_correction or args.factor_dims != "last_two"):
         impl = "reference"
     with torch.no_grad():
         if _has_dtensor(params):
@@ -187,14 +190,63 @@ def came(
             step_dtensor(params, grads, states, args, impl)
         elif impl == "reference":
             step_single_tensor(params, grads, states, args)
-        elif impl == "foreach":
-            from ._impl.foreach import step_multi_tensor
-
-            step_multi_tensor(params, grads, states, args)
+        elif args.stochastic_rounding or _has_lowbit_momentum(states):
+            _step_fast_chunked(_fast_step(impl), params, grads, states, args)
         else:
-            from ._impl.fused import step_fused
+            _fast_step(impl)(params, grads, states, args)
 
-            step_fused(params, grads, states, args)
+
+def _fast_step(impl: str):
+    """The step function of the ``"foreach"`` or ``"fused"`` implementation."""
+    if impl == "foreach":
+        from ._impl.foreach import step_multi_tensor
+
+        return step_multi_tensor
+    from ._impl.fused import step_fused
+
+    return step_fused
+
+
+#: Elements per chunk when a fast path steps on float32 copies (bounds the extra memory).
+_CHUNK_NUMEL = 1 << 22
+
+
+def _step_fast_chunked(step_fn, params, grads, states, args: StepArgs) -> None:
+    """Run a fast path on float32 copies of low-bit momentum (and of bf16/fp16 weights for
+    stochastic rounding), a chunk of at most ``_CHUNK_NUMEL`` elements (or one tensor) at a
+    time, then store them back: int8/bf16 re-encoding, stochastic rounding of the weights.
+
+    Same arithmetic as the reference path's low-memory handling, in the same order per tensor.
+    """
+    from dataclasses import replace
+
+    from .lowbit import load_momentum, stochastic_round_, store_momentum_
+
+    plain_args = replace(args, stochastic_rounding=False)
+    start = 0
+    while start < len(params):
+        end, numel = start, 0
+        while end < len(params) and (end == start or numel + params[end].numel() <= _CHUNK_NUMEL):
+            numel += params[end].numel()
+            end += 1
+        chunk_params, chunk_grads, chunk_states = [], [], []
+        momenta, rounded = [], []
+        for param, grad, state in zip(params[start:end], grads[start:end], states[start:end]):
+            dtype = compute_dtype(param.dtype)
+            momentum = load_momentum(state, dtype, args.block_size)
+            momenta.append(momentum)
+            chunk_states.append({**state, "exp_avg": momentum})  # "step" is shared
+            if args.stochastic_rounding and param.dtype != dtype:
+                rounded.append((param, len(chunk_params)))
+                param, grad = param.to(dtype), grad.to(dtype)
+            chunk_params.append(param)
+            chunk_grads.append(grad)
+        step_fn(chunk_params, chunk_grads, chunk_states, plain_args)
+        for state, momentum in zip(states[start:end], momenta):
+            store_momentum_(state, momentum, args.block_size)
+        for param, index in rounded:
+            stochastic_round_(param, chunk_params[index])
+        start = end
 
 
 def _has_lowbit_momentum(states: Sequence[dict]) -> bool:
