@@ -162,8 +162,12 @@ class CAME(Optimizer):
             instability (default: (0.9, 0.999, 0.9999)).
         weight_decay: decoupled weight decay :math:`\lambda`, multiplied by lr (default: 0).
         maximize: maximize the objective instead of minimizing it (default: False).
-        foreach: use the multi-tensor implementation; ``None`` picks the fastest available.
-        fused: use the fused implementation; ``None`` picks the fastest available.
+        foreach: ``True``: the multi-tensor implementation; ``False``: the per-tensor
+            reference. ``None`` (with ``fused`` unset) picks the fastest path that stays bit
+            for bit equal to the reference: multi-tensor on CPU and CUDA.
+        fused: ``True``: the fused implementation (CPU: a C++ kernel built just in time on
+            first use; CUDA: ``torch.compile``), several times faster, equal to the
+            reference to float32 rounding. Opt-in.
         skip_nonfinite: if True, a param group whose gradients contain inf or NaN is not
             stepped at all (params and state untouched) and ``group["skipped_steps"]`` counts
             it; without it one bad gradient poisons the statistics for good (default: False).
