@@ -207,8 +207,9 @@ def _fast_step(impl: str):
     return step_fused
 
 
-#: Elements per chunk when a fast path steps on float32 copies (bounds the extra memory).
-_CHUNK_NUMEL = 1 << 22
+#: Elements per chunk when a fast path steps on float32 copies: bounds the extra memory of a
+#: low-memory step to about 3 * 4 * 2^18 bytes (or the largest tensor), with few chunks.
+_CHUNK_NUMEL = 1 << 18
 
 
 def _step_fast_chunked(step_fn, params, grads, states, args: StepArgs) -> None:
