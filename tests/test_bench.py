@@ -67,7 +67,7 @@ def test_cli_quick_writes_json(tmp_path, capsys):
                  "--only", "CAME fused,CAME foreach,came-pytorch", "--out", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
-    assert report["machine"]["logical_cpus"] >= 1
+    assert report["machine"]["cores_available"] >= 1
     (tiny,) = report["sets"]
     assert tiny["set"] == "tiny" and tiny["copy_bandwidth_GBps"] > 0
     names = {r["name"] for r in tiny["results"]}

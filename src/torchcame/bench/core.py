@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -266,26 +265,10 @@ def run_set(
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    """Where the benchmark ran."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": str(device),
-        "cpu_capability": _cpu_capability(),
-    }
+    """Where the benchmark ran: the recipes' machine description plus device details."""
+    from ..recipes.report import machine_info as base_info
+
+    info = {**base_info(), "device": str(device), "cpu_capability": _cpu_capability()}
     if hasattr(os, "getloadavg"):
         info["loadavg_start"] = os.getloadavg()
     if device.type == "cuda":

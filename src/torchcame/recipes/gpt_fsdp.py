@@ -57,23 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model(args: argparse.Namespace):
-    import transformers
+    from .train import LMConfig, build_model
 
-    transformers.logging.set_verbosity_error()
-    config = transformers.GPT2Config(
-        vocab_size=256,
-        n_positions=args.seq_len,
-        n_embd=args.d_model,
-        n_layer=args.n_layer,
-        n_head=args.n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
+    cfg = LMConfig(task="gpt", n_layer=args.n_layer, d_model=args.d_model, n_head=args.n_head,
+                   seq_len=args.seq_len)
     torch.manual_seed(args.seed)  # same init on every rank; fully_shard keeps each rank's part
-    return transformers.GPT2LMHeadModel(config)
+    return build_model(cfg)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
