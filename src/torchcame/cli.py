@@ -12,7 +12,7 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
 
     demo = subparsers.add_parser(
         "demo",
-        help="train a small GPT-2 with CAME, AdamW and Adafactor and write a report (~3 min)",
+        help="train a small GPT-2 with CAME, AdamW and Adafactor and write a report (1-2 min)",
         description="Train a small GPT-2 on this Python's standard library (bytes) with CAME, "
         "AdamW and Adafactor; print the comparison and write report.md, loss.png, results.json.",
     )
