@@ -213,11 +213,13 @@ def _step_compiled_available() -> bool:
 
 @pytest.mark.slow  # compiles two small graphs (~10-20 s on 2 cores)
 @pytest.mark.skipif(not _step_compiled_available(), reason="no torch.compile fused step yet")
-@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
-def test_fused_compiled_step_no_recompile_under_scheduler(lr_kind: str) -> None:
+@pytest.mark.parametrize("lr_kind, schedule", [("float", "lambda"), ("tensor", "lambda"),
+                                               ("float", "onecycle")])
+def test_fused_compiled_step_no_recompile_under_scheduler(lr_kind: str, schedule: str) -> None:
     """The torch.compile backend of ``fused=True`` (the CUDA path; run here on CPU through
     ``step_compiled``) compiles once per tensor shape: an lr that changes every step (float
-    or tensor) does not recompile, and the result matches the reference."""
+    or tensor), or a beta1 cycled by OneCycleLR, does not recompile, and the result matches
+    the reference."""
     from torchcame._impl.common import StepArgs
     from torchcame._impl.fused import step_compiled
     from torchcame.functional import init_state
@@ -228,7 +230,7 @@ def test_fused_compiled_step_no_recompile_under_scheduler(lr_kind: str) -> None:
     params = [p.detach() for p in _params()]
     states = [init_state(p) for p in params]
     holder = CAME([torch.zeros(1, requires_grad=True)], lr=lr)  # only to drive the scheduler
-    sched = SCHEDULERS["lambda"](holder, STEPS)
+    sched = SCHEDULERS[schedule](holder, STEPS)
     used, graphs = [], []
     for step in range(STEPS):
         group = holder.param_groups[0]

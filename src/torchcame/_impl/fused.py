@@ -134,7 +134,7 @@ def _step_kernel(kernel, params: list[Tensor], grads: list[Tensor], states: list
 
 
 def _factored_step_math(param: Tensor, grad: Tensor, exp_avg: Tensor, row: Tensor, col: Tensor,
-                        res_row: Tensor, res_col: Tensor, lr: Tensor, beta1: float,
+                        res_row: Tensor, res_col: Tensor, lr: Tensor, beta1: Tensor,
                         beta2: float, beta3: float, eps1: float, eps2: float, clip: float,
                         weight_decay: float, maximize: bool) -> None:
     """One factored tensor's step in plain ops, for ``torch.compile`` to fuse."""
@@ -148,7 +148,8 @@ def _factored_step_math(param: Tensor, grad: Tensor, exp_avg: Tensor, row: Tenso
     u = (row_factor.unsqueeze(-1) * col_factor.unsqueeze(-2)) * g
     rms = u.norm(2) / (u.numel() ** 0.5)
     u = u / (rms / clip).clamp(min=1.0)
-    exp_avg.mul_(beta1).add_(u, alpha=1 - beta1)
+    beta1 = beta1.to(exp_avg.dtype)  # a tensor: a scheduler cycling beta1 does not recompile
+    exp_avg.mul_(beta1).add_(u * (1 - beta1))
     instability = (u - exp_avg).square() + eps2
     res_row.mul_(beta3).add_(instability.mean(dim=-1), alpha=1 - beta3)
     res_col.mul_(beta3).add_(instability.mean(dim=-2), alpha=1 - beta3)
@@ -158,7 +159,7 @@ def _factored_step_math(param: Tensor, grad: Tensor, exp_avg: Tensor, row: Tenso
 
 
 def _full_step_math(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-                    lr: Tensor, beta1: float, beta2: float, beta3: float, eps1: float,
+                    lr: Tensor, beta1: Tensor, beta2: float, beta3: float, eps1: float,
                     eps2: float, clip: float, weight_decay: float, maximize: bool) -> None:
     """One vector/scalar tensor's step in plain ops, for ``torch.compile`` to fuse."""
     g = grad.to(exp_avg.dtype)
@@ -168,7 +169,8 @@ def _full_step_math(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Te
     u = exp_avg_sq.rsqrt() * g
     rms = u.norm(2) / (u.numel() ** 0.5)
     u = u / (rms / clip).clamp(min=1.0)
-    exp_avg.mul_(beta1).add_(u, alpha=1 - beta1)
+    beta1 = beta1.to(exp_avg.dtype)
+    exp_avg.mul_(beta1).add_(u * (1 - beta1))
     _apply(param, exp_avg, lr, weight_decay)
 
 
@@ -208,25 +210,27 @@ def step_compiled(params: list[Tensor], grads: list[Tensor], states: list[dict],
         torch._foreach_add_([state["step"] for state in states], 1.0)
     beta1, beta2, beta3 = args.betas
     eps1, eps2 = args.eps
-    consts = (float(beta1), float(beta2), float(beta3), float(eps1), float(eps2),
+    # lr and beta1 (what schedulers change) are tensors; the rest are compile-time constants
+    consts = (float(beta2), float(beta3), float(eps1), float(eps2),
               float(args.clip_threshold), float(args.weight_decay), bool(args.maximize))
-    lr_cache: dict[torch.device, Tensor] = {}
+    lr_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
     failed: list[int] = []
     for i, (param, grad, state) in enumerate(zip(params, grads, states, strict=True)):
         if param.numel() == 0:
             continue
-        lr = lr_cache.get(param.device)
-        if lr is None:
-            lr = torch.as_tensor(args.lr, dtype=torch.float64).to(param.device)
-            lr_cache[param.device] = lr
+        scheduled = lr_cache.get(param.device)
+        if scheduled is None:
+            scheduled = (torch.as_tensor(args.lr, dtype=torch.float64).to(param.device),
+                         torch.tensor(float(beta1), dtype=torch.float64).to(param.device))
+            lr_cache[param.device] = scheduled
         grad = grad.to(compute_dtype(param.dtype)) if grad.dtype != param.dtype else grad
         key = (tuple(param.shape), param.dtype, param.device, consts)
         if is_factored(param.shape):
             fn = _compiled_for(("factored", *key), _factored_step_math)
-            tensors = (param, grad, *(state[k] for k in _FACTORED_KEYS), lr)
+            tensors = (param, grad, *(state[k] for k in _FACTORED_KEYS), *scheduled)
         else:
             fn = _compiled_for(("full", *key), _full_step_math)
-            tensors = (param, grad, *(state[k] for k in _FULL_KEYS), lr)
+            tensors = (param, grad, *(state[k] for k in _FULL_KEYS), *scheduled)
         try:
             fn(*tensors, *consts)
         except Exception as exc:  # torch.compile unavailable: compiling fails before any write
