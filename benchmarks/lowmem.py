@@ -4,9 +4,12 @@ Parts (``--parts``, default all):
 
 * ``state``: optimizer-state bytes per parameter on GPT-2 124M shapes for CAME (float32,
   bf16 and int8 momentum), torch AdamW, torch Adafactor and the authors' ``came-pytorch``.
-* ``peak``: peak tensor memory of one training step of the demo model (GPT-2 2x128, batch
-  16x128) for AdamW fp32, CAME fp32, and CAME with bf16 weights + 8-bit momentum + stochastic
-  rounding + step-in-backward (and the steps in between).
+* ``peak``: peak tensor memory of one training step of the demo model (GPT-2 2x128, batches
+  of 1 to 16 sequences of 64 tokens; 16 is the demo's) for AdamW fp32, CAME fp32, and CAME
+  with bf16 weights + 8-bit momentum + stochastic rounding + step-in-backward (and the steps
+  in between), beside a floor no optimizer can beat (bf16 weights, gradients freed as they
+  arrive, no update). The fused kernel's C++ scratch memory (not tensors) is added as its
+  bound, ``torchcame._impl.fused.kernel_workspace_bytes``.
 * ``error``: block-wise int8 error of the momentum of a float32 CAME run of the demo model,
   for several block sizes (bitsandbytes-style: relative L2 error, and max error against the
   absmax/254 bound).
@@ -106,7 +109,15 @@ PEAK_CONFIGS = {
     "CAME bf16 weights + int8 + SR + step-in-backward": dict(
         opt="came", momentum="int8", bf16=True, sib=True
     ),
+    "CAME bf16 weights + int8 + SR + step-in-backward, fused": dict(
+        opt="came", momentum="int8", bf16=True, sib=True, fused=True
+    ),
+    "floor: bf16 weights, no optimizer state, grads freed": dict(opt="none", bf16=True),
 }
+
+#: The configuration the issue's target is about, and the floor no optimizer can go below.
+TARGET_CONFIG = "CAME bf16 weights + int8 + SR + step-in-backward, fused"
+FLOOR_CONFIG = "floor: bf16 weights, no optimizer state, grads freed"
 
 
 def _demo_model(bf16: bool, seed: int = 0):
@@ -118,6 +129,29 @@ def _demo_model(bf16: bool, seed: int = 0):
     return model.to(torch.bfloat16) if bf16 else model
 
 
+def _free_grads_in_backward(model) -> list:
+    """Drop each gradient as soon as it is accumulated (the floor: no update at all)."""
+    def drop(param):
+        param.grad = None
+
+    return [p.register_post_accumulate_grad_hook(drop) for p in model.parameters()]
+
+
+def _kernel_workspace(opt, cfg: dict) -> int:
+    """Bytes of the fused CPU kernel's C++ scratch memory (not tensors, so not tracked):
+    the largest tensor's bound with step-in-backward (one tensor at a time), else the sum
+    of the ``threads`` largest (small tensors are stepped concurrently)."""
+    if not cfg.get("fused"):
+        return 0
+    from torchcame._impl.fused import kernel_workspace_bytes
+
+    block = opt.param_groups[0]["quantization_block_size"]
+    sizes = sorted((kernel_workspace_bytes(
+        p.shape, unit=block if "exp_avg_absmax" in opt.state[p] else 4096)
+        for g in opt.param_groups for p in g["params"]), reverse=True)
+    return sizes[0] if cfg.get("sib") else sum(sizes[: torch.get_num_threads()])
+
+
 def part_peak(batch_size: int) -> dict:
     from tqdm.auto import tqdm
 
@@ -127,38 +161,78 @@ def part_peak(batch_size: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 256, (batch_size, seq), generator=gen) for _ in range(4)]
     rows = []
-    for name, cfg in tqdm(PEAK_CONFIGS.items(), desc="peak memory"):
+    for name, cfg in tqdm(PEAK_CONFIGS.items(), desc=f"peak memory, batch {batch_size}"):
         model = _demo_model(cfg.get("bf16", False))
+        handles = []
         if cfg["opt"] == "adamw":
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        elif cfg["opt"] == "none":
+            opt = None
+            handles = _free_grads_in_backward(model)
         else:
             opt = CAME(model.parameters(), lr=1e-3, momentum_dtype=cfg.get("momentum", "float32"),
-                       stochastic_rounding=cfg.get("bf16", False))
-        handle = step_in_backward(opt) if cfg.get("sib") else None
+                       stochastic_rounding=cfg.get("bf16", False), fused=cfg.get("fused"))
+        if cfg.get("sib"):
+            handles.append(step_in_backward(opt))
 
         def train_step(batch, model=model, opt=opt):
             loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
 
         for batch in batches[:3]:  # state exists before the measured step
             train_step(batch)
-        memory = measure_step_memory(lambda: train_step(batches[3]), baseline=[model, opt])
+        baseline = [model] if opt is None else [model, opt]
+        memory = measure_step_memory(lambda: train_step(batches[3]), baseline=baseline)
+        workspace = 0 if opt is None else _kernel_workspace(opt, cfg)
         params_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         rows.append({
             "config": name,
-            "peak_bytes": memory.peak_bytes,
+            "impl": "fused" if cfg.get("fused") else ("-" if opt is None else "default"),
+            "peak_bytes": memory.peak_bytes + workspace,
             "params_bytes": params_bytes,
-            "state_bytes": optimizer_state_bytes(opt),
+            "state_bytes": 0 if opt is None else optimizer_state_bytes(opt),
             "step_allocated_peak_bytes": memory.allocated_peak_bytes,
+            "kernel_workspace_bytes": workspace,
         })
-        if handle is not None:
+        for handle in handles:
             handle.remove()
     base = rows[0]["peak_bytes"]
     for row in rows:
         row["ratio_to_adamw_fp32"] = row["peak_bytes"] / base
     return {"batch_size": batch_size, "seq_len": seq, "rows": rows}
+
+
+def plot_peak(results: list[dict], path: Path) -> None:
+    """Peak memory over AdamW fp32's, against the batch size, for a few configurations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = ["CAME fp32", "CAME bf16 weights + int8 + SR + step-in-backward", TARGET_CONFIG,
+             FLOOR_CONFIG]
+    batches = [r["batch_size"] for r in results]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name in shown:
+        ratios = [next(x["ratio_to_adamw_fp32"] for x in r["rows"] if x["config"] == name)
+                  for r in results]
+        ax.plot(batches, ratios, marker="o", label=name.replace("step-in-backward", "SIB"),
+                linestyle="--" if name == FLOOR_CONFIG else "-")
+    ax.axhline(0.35, color="grey", linewidth=1)
+    ax.text(batches[0], 0.355, "target 0.35", color="grey", fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size (sequences of 64 tokens)")
+    ax.set_ylabel("peak memory / AdamW fp32 peak")
+    ax.set_title("Peak training-step memory, demo model (GPT-2 2x128)")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------- quantization error
@@ -275,11 +349,11 @@ def markdown(results: dict) -> str:
     for r in results.get("peak", []):
         lines += [f"## Peak training-step memory, demo model (batch {r['batch_size']}×"
                   f"{r['seq_len']})", ""]
-        lines += command(r) + ["| configuration | peak MB | params MB | state MB | × AdamW fp32 |",
-                  "|---|---|---|---|---|"]
+        lines += command(r) + ["| configuration | peak MB | params MB | state MB | "
+                               "kernel scratch KB | × AdamW fp32 |", "|---|---|---|---|---|---|"]
         lines += [f"| {x['config']} | {x['peak_bytes'] / MB:.2f} | {x['params_bytes'] / MB:.2f} | "
-                  f"{x['state_bytes'] / MB:.2f} | {x['ratio_to_adamw_fp32']:.3f} |"
-                  for x in r["rows"]]
+                  f"{x['state_bytes'] / MB:.2f} | {x.get('kernel_workspace_bytes', 0) / 1024:.1f} "
+                  f"| {x['ratio_to_adamw_fp32']:.3f} |" for x in r["rows"]]
         lines.append("")
     if "error" in results:
         r = results["error"]
@@ -306,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", nargs="+", default=["state", "peak", "error", "quality"],
                         choices=["state", "peak", "error", "quality"])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 1],
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16],
                         help="peak: batch sizes (16 is the demo's)")
     parser.add_argument("--error-steps", type=int, default=200)
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512,
@@ -326,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         results["state"] = {**part_state(), "command": cmd}
     if "peak" in args.parts:
         results["peak"] = [{**part_peak(b), "command": cmd} for b in args.batch_sizes]
+        plot_peak(results["peak"], args.out / "peak_vs_batch.png")
     if "error" in args.parts:
         results["error"] = {**part_error(args.error_steps, args.block_sizes), "command": cmd}
         plot_error(results["error"], args.out / "int8_error.png")

@@ -191,7 +191,15 @@ def came(
         elif impl == "reference":
             step_single_tensor(params, grads, states, args)
         elif args.stochastic_rounding or _has_lowbit_momentum(states):
-            _step_fast_chunked(_fast_step(impl), params, grads, states, args)
+            if impl == "fused":  # the CPU kernel decodes/encodes in place: no float32 copies
+                from ._impl.fused import step_fused_lowmem
+
+                rest = step_fused_lowmem(params, grads, states, args)
+                params = [params[i] for i in rest]
+                grads = [grads[i] for i in rest]
+                states = [states[i] for i in rest]
+            if params:
+                _step_fast_chunked(_fast_step(impl), params, grads, states, args)
         else:
             _fast_step(impl)(params, grads, states, args)
 

@@ -30,7 +30,8 @@ from .._factored import factor_rsqrt, is_factored
 from .common import StepArgs, compute_dtype
 from .foreach import step_multi_tensor
 
-__all__ = ["step_fused", "step_compiled", "kernel_available"]
+__all__ = ["step_fused", "step_fused_lowmem", "step_compiled", "kernel_available",
+           "kernel_workspace_bytes"]
 
 _FACTORED_KEYS = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row",
                   "exp_avg_res_col")
@@ -128,6 +129,102 @@ def _step_kernel(kernel, params: list[Tensor], grads: list[Tensor], states: list
             *([states[i][k] for i in full] for k in _FULL_KEYS),
             lr, *hyper,
         )
+
+
+_LOWMEM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def step_fused_lowmem(params: list[Tensor], grads: list[Tensor], states: list[dict],
+                      args: StepArgs) -> list[int]:
+    """The native CPU kernel with low-bit momentum and stochastic rounding handled inside it.
+
+    bf16/int8 momentum is decoded and re-encoded a row or a block at a time and bf16/fp16
+    weights are rounded stochastically as they are written, so the step allocates no
+    full-size float32 copy of anything (extra memory O(rows + cols) plus a block per thread).
+    Same arithmetic as the other paths' low-memory handling; stochastic rounding draws its
+    random bits from a counter-based generator seeded from torch's default generator (one
+    draw per call), so results are reproducible under ``torch.manual_seed`` but are not the
+    same random draws as the reference path's ``torch.rand``.
+
+    Steps the tensors it can (CPU, float32/bf16/fp16, gradient of the parameter's dtype,
+    contiguous) and returns the indices of the others, untouched (their ``step`` not counted).
+    """
+    eligible, rest = [], []
+    for i, param in enumerate(params):
+        state = states[i]
+        keys = _FACTORED_KEYS if is_factored(param.shape) else _FULL_KEYS
+        tensors = [param, grads[i], *(state[k] for k in keys)]
+        if (param.device.type == "cpu" and param.dtype in _LOWMEM_DTYPES
+                and grads[i].dtype == param.dtype
+                and compute_dtype(param.dtype) == torch.float32
+                and all(t.is_contiguous() for t in tensors)):
+            eligible.append(i)
+        else:
+            rest.append(i)
+    if not eligible:
+        return rest
+    from .fused_kernel import load_kernel
+
+    kernel = load_kernel()
+    if kernel is None or not hasattr(kernel, "factored_step_lowmem"):
+        return list(range(len(params)))
+    eligible = [i for i in eligible if params[i].numel() > 0]
+    torch._foreach_add_([states[i]["step"] for i in eligible], 1.0)
+    lr = _lr_tensor(args.lr)
+    hyper = (isinstance(args.lr, Tensor), float(args.weight_decay), list(args.betas),
+             list(args.eps), float(args.clip_threshold), bool(args.maximize))
+    seed = 0
+    if args.stochastic_rounding:  # one draw from torch's default generator per call
+        seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
+    low = (int(args.block_size), bool(args.stochastic_rounding), seed)
+    empty = torch.empty(0)
+
+    def absmax(state: dict) -> Tensor:
+        return state.get("exp_avg_absmax", empty)
+
+    factored = [i for i in eligible if is_factored(params[i].shape)]
+    full = [i for i in eligible if not is_factored(params[i].shape)]
+    if factored:
+        kernel.factored_step_lowmem(
+            [params[i] for i in factored], [grads[i] for i in factored],
+            [states[i]["exp_avg"] for i in factored], [absmax(states[i]) for i in factored],
+            *([states[i][k] for i in factored] for k in _FACTORED_KEYS[1:]),
+            lr, *hyper, *low,
+        )
+    if full:
+        kernel.full_step_lowmem(
+            [params[i] for i in full], [grads[i] for i in full],
+            [states[i]["exp_avg"] for i in full], [absmax(states[i]) for i in full],
+            [states[i]["exp_avg_sq"] for i in full],
+            lr, *hyper, *low,
+        )
+    return rest
+
+
+def kernel_workspace_bytes(shape: tuple[int, ...] | torch.Size, threads: int | None = None,
+                           unit: int | None = None) -> int:
+    """An upper bound of the heap memory the CPU kernel allocates to step one tensor.
+
+    The kernel's scratch memory is plain C++ vectors (not tensors), which tensor-level memory
+    trackers do not see; memory benchmarks add this bound. ``unit`` is the low-memory
+    variant's storage unit (elements per int8 block, or 4096 for bf16/float32 momentum;
+    ``None`` for the float32 kernel). Factored ``(B, n, m)``: row and column sums in double
+    (``B n + (threads + 1) B m``), four float factor vectors (``2 (B n + B m)``), per-thread
+    row buffers (``2 m`` floats); every tensor: per-thread sums of squares and one storage
+    unit per thread.
+    """
+    threads = torch.get_num_threads() if threads is None else threads
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    per_thread = 8 * 8 + 4 * min(unit or 0, numel)
+    if len(shape) >= 2 and int(shape[-1]) > 0 and int(shape[-2]) > 0:
+        m, n = int(shape[-1]), int(shape[-2])
+        B = numel // (n * m)
+        doubles = B * n + (threads + 1) * B * m
+        floats = 2 * (B * n + B * m) + threads * 2 * m
+        return 8 * doubles + 4 * floats + threads * per_thread
+    return threads * per_thread
 
 
 # ----------------------------------------------------------------------------- torch.compile

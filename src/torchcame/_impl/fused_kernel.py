@@ -40,6 +40,8 @@ KERNEL_SOURCE = r"""
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
 #include <cmath>
 #include <vector>
 
@@ -317,6 +319,299 @@ void full_one(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
   });
 }
 
+// ------------------------------------------------------------------ low-memory variants
+// Momentum stored as bf16 or block-wise int8 (codes + one float32 absmax per block), and
+// bf16/fp16 weights rounded stochastically. The float32 m of this step is never stored at
+// full size: pass 3 decodes the old m row by row to compute the instability sums, and pass
+// 4 decodes it again, recomputes the new m (the same float32 operations, so the same bits),
+// updates the weight and re-encodes m a block at a time. Extra memory stays O(rows + cols)
+// plus one block per thread.
+
+struct Momentum {
+  float* f = nullptr;              // float32 storage (small int8-mode tensors)
+  c10::BFloat16* h = nullptr;      // bf16 storage
+  int8_t* q = nullptr;             // int8 codes
+  float* absmax = nullptr;         // int8 scales, one per block
+  int64_t block = 256;             // elements per int8 block
+  int64_t unit() const { return q ? block : 4096; }
+};
+
+Momentum momentum_of(at::Tensor& exp_avg, at::Tensor& absmax, int64_t block) {
+  Momentum M;
+  M.block = block;
+  switch (exp_avg.scalar_type()) {
+    case at::kFloat: M.f = exp_avg.data_ptr<float>(); break;
+    case at::kBFloat16: M.h = exp_avg.data_ptr<c10::BFloat16>(); break;
+    case at::kChar:
+      TORCH_CHECK(absmax.defined() && absmax.numel() == (exp_avg.numel() + block - 1) / block,
+                  "torchcame fused kernel: int8 momentum needs one absmax per block");
+      M.q = exp_avg.data_ptr<int8_t>();
+      M.absmax = absmax.data_ptr<float>();
+      break;
+    default: TORCH_CHECK(false, "torchcame fused kernel: unsupported momentum dtype ",
+                         exp_avg.scalar_type());
+  }
+  return M;
+}
+
+// out[0 .. e-s) = m[s .. e), as float32 (dequantized: code * (absmax / 127), as torch does).
+inline void decode(const Momentum& M, int64_t s, int64_t e, float* __restrict out) {
+  if (M.f) {
+    std::copy(M.f + s, M.f + e, out);
+  } else if (M.h) {
+    for (int64_t i = s; i < e; ++i) out[i - s] = float(M.h[i]);
+  } else {
+    int64_t i = s;
+    while (i < e) {
+      const int64_t blk = i / M.block;
+      const int64_t stop = std::min(e, (blk + 1) * M.block);
+      const float scale = M.absmax[blk] / 127.0f;
+      const int8_t* __restrict q = M.q;
+#pragma omp simd
+      for (int64_t t = i; t < stop; ++t) out[t - s] = float(q[t]) * scale;
+      i = stop;
+    }
+  }
+}
+
+// m[s .. e) = in[0 .. e-s); for int8, [s, e) is whole blocks (the last one may be short):
+// absmax per block, codes = clamp(round_half_even(x * (127 / absmax)), -127, 127).
+inline void encode(const Momentum& M, int64_t s, int64_t e, const float* __restrict in) {
+  if (M.f) {
+    std::copy(in, in + (e - s), M.f + s);
+  } else if (M.h) {
+    for (int64_t i = s; i < e; ++i) M.h[i] = c10::BFloat16(in[i - s]);
+  } else {
+    for (int64_t b0 = s; b0 < e; b0 += M.block) {
+      const int64_t b1 = std::min(e, b0 + M.block);
+      float amax = 0.0f;
+      for (int64_t t = b0; t < b1; ++t) amax = std::max(amax, std::fabs(in[t - s]));
+      // as torch evaluates `127.0 / absmax` (Tensor.__rtruediv__: reciprocal, then multiply)
+      const float inv = amax > 0.0f ? (1.0f / amax) * 127.0f : 0.0f;
+      for (int64_t t = b0; t < b1; ++t) {
+        const float c = std::nearbyint(in[t - s] * inv);
+        M.q[t] = int8_t(std::min(127.0f, std::max(-127.0f, c)));
+      }
+      M.absmax[b0 / M.block] = amax;
+    }
+  }
+}
+
+// 32 random bits for element i of a tensor (SplitMix64 of a per-step, per-tensor seed and
+// the index: independent of the thread layout, so results do not depend on thread count).
+inline uint32_t random_bits(uint64_t seed, uint64_t i) {
+  uint64_t z = seed + (i + 1) * 0x9E3779B97F4A7C15ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return uint32_t((z ^ (z >> 31)) >> 32);
+}
+
+// x rounded to one of its two neighbours in T (bf16 or fp16) with probability proportional to
+// closeness, so E[result] = x; the rule of torchcame.lowbit.stochastic_round_.
+template <typename T>
+inline T stochastic_round(float x, uint32_t bits) {
+  const T nearest = T(x);
+  const float near = float(nearest);
+  if (!(x != near) || !std::isfinite(near)) return nearest;  // exact, NaN, or overflow
+  const bool up = x > near;
+  const uint16_t b = nearest.x;
+  uint16_t ob;
+  if ((b & 0x7fff) == 0) {
+    ob = up ? 0x0001 : 0x8001;
+  } else {
+    ob = (up != bool(b & 0x8000)) ? uint16_t(b + 1) : uint16_t(b - 1);
+  }
+  const T other(ob, T::from_bits());
+  const float of = float(other);
+  if (!std::isfinite(of)) return nearest;
+  const float p_other = (x - near) / (of - near);
+  const float u = float(bits >> 8) * (1.0f / 16777216.0f);
+  return u < p_other ? other : nearest;
+}
+
+template <typename param_t>
+inline param_t store_param(float v, bool sr, uint64_t seed, int64_t i) {
+  if constexpr (std::is_same_v<param_t, float>) {
+    return v;
+  } else {
+    return sr ? stochastic_round<param_t>(v, random_bits(seed, uint64_t(i))) : param_t(v);
+  }
+}
+
+// The weight decay factor and whether the decayed weight is rounded to param_t first: with
+// stochastic rounding the weight is float32 until its final (stochastic) rounding.
+template <typename param_t>
+inline float lowmem_decay_factor(const Hyper& h, bool sr) {
+  return sr ? decay_factor<float, float>(h) : decay_factor<param_t, float>(h);
+}
+
+// Pass 3 on one row, momentum not written: sum and col_block of U = (u_hat - m_new)^2 + eps2.
+template <typename param_t, bool clip>
+inline float instability_row(const param_t* __restrict g, const float* __restrict old,
+                             const float* __restrict cf, const float rf,
+                             float* __restrict col_block, const int64_t m, const float sign,
+                             const float denom, const float b1, const float a1,
+                             const float eps2) {
+  float s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < m; ++j) {
+    const float u0 = (rf * cf[j]) * (sign * float(g[j]));
+    const float u = clip ? u0 / denom : u0;
+    const float mv = old[j] * b1 + a1 * u;
+    const float d = u - mv;
+    const float U = d * d + eps2;
+    col_block[j] += U;
+    s += U;
+  }
+  return s;
+}
+
+template <typename param_t>
+void factored_lowmem_one(at::Tensor& param, const at::Tensor& grad, const Momentum& M,
+                         at::Tensor& row, at::Tensor& col, at::Tensor& res_row,
+                         at::Tensor& res_col, const Hyper& h, bool sr, uint64_t seed) {
+  const int64_t m = param.size(-1), n = param.size(-2);
+  const int64_t B = param.numel() / (n * m), N = B * n;
+  param_t* p = param.data_ptr<param_t>();
+  const param_t* g = grad.data_ptr<param_t>();
+  const float eps1 = float(h.eps1), eps2 = float(h.eps2);
+  const float sign = h.maximize ? -1.0f : 1.0f;
+  std::vector<double> row_sum(N), col_sum;
+  std::vector<float> rf, cf, Rf, Cf;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / m);
+
+  // pass 1: G = g^2 + eps1 -> r, c (as the float32 kernel)
+  row_col_sums<float>(B, n, m, row_sum, col_sum, [=](int64_t k, float* __restrict blk) {
+    return sq_row<param_t, float>(g + k * m, blk, m, eps1);
+  });
+  ema_means<float>(row.data_ptr<float>(), row_sum, double(m), h.beta2);
+  ema_means<float>(col.data_ptr<float>(), col_sum, double(n), h.beta2);
+  factors<float>(row.data_ptr<float>(), col.data_ptr<float>(), B, n, m, rf, cf);
+
+  // pass 2: sum u^2 -> the clip divisor
+  const bool nested = at::in_parallel_region();
+  const int nthreads = thread_slots(nested);
+  std::vector<double> sq(nthreads * 8, 0.0);
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    double acc = 0;
+    for (int64_t k = begin; k < end; ++k) {
+      acc += update_sq_row<param_t, float>(g + k * m, cf.data() + (k / n) * m, rf[k], m);
+    }
+    sq[thread_slot(nested) * 8] += acc;
+  });
+  double sumsq = 0;
+  for (int t = 0; t < nthreads; ++t) sumsq += sq[t * 8];
+  const float rms = float(std::sqrt(sumsq)) / float(std::sqrt(double(N * m)));
+  const float denom = std::max(rms / float(h.clip), 1.0f);
+  const bool clip = denom != 1.0f;
+
+  // pass 3: decode the old m a row at a time -> the instability sums R, C
+  const float b1 = float(h.beta1), a1 = float(1.0 - h.beta1);
+  const float* rfp = rf.data();
+  const float* cfp = cf.data();
+  row_col_sums<float>(B, n, m, row_sum, col_sum, [=, &M](int64_t k, float* __restrict blk) {
+    thread_local std::vector<float> old;
+    old.resize(m);
+    decode(M, k * m, (k + 1) * m, old.data());
+    return clip ? instability_row<param_t, true>(g + k * m, old.data(), cfp + (k / n) * m,
+                                                 rfp[k], blk, m, sign, denom, b1, a1, eps2)
+                : instability_row<param_t, false>(g + k * m, old.data(), cfp + (k / n) * m,
+                                                  rfp[k], blk, m, sign, denom, b1, a1, eps2);
+  });
+  ema_means<float>(res_row.data_ptr<float>(), row_sum, double(m), h.beta3);
+  ema_means<float>(res_col.data_ptr<float>(), col_sum, double(n), h.beta3);
+  factors<float>(res_row.data_ptr<float>(), res_col.data_ptr<float>(), B, n, m, Rf, Cf);
+
+  // pass 4, a storage unit (int8 block) at a time: decode the old m, recompute the new m,
+  // update the weight, encode the new m
+  const float lr = float(h.lr);
+  const float decay = lowmem_decay_factor<param_t>(h, sr);
+  const bool has_decay = h.weight_decay != 0;
+  const int64_t numel = N * m, unit = M.unit();
+  const int64_t units = (numel + unit - 1) / unit;
+  at::parallel_for(0, units, std::max<int64_t>(1, kGrainElems / unit), [&](int64_t ub,
+                                                                          int64_t ue) {
+    std::vector<float> buf(std::min(unit, numel));
+    for (int64_t un = ub; un < ue; ++un) {
+      const int64_t s = un * unit, e = std::min(numel, s + unit);
+      decode(M, s, e, buf.data());
+      int64_t i = s;
+      while (i < e) {
+        const int64_t k = i / m, j0 = i - k * m;
+        const int64_t stop = std::min(e, (k + 1) * m);
+        const int64_t cbase = (k / n) * m;
+        const float rfk = rf[k], Rfk = Rf[k];
+        for (int64_t t = i; t < stop; ++t) {
+          const int64_t j = cbase + j0 + (t - i);
+          const float u0 = (rfk * cf[j]) * (sign * float(g[t]));
+          const float u = clip ? u0 / denom : u0;
+          const float mv = buf[t - s] * b1 + a1 * u;
+          buf[t - s] = mv;
+          float pv = float(p[t]);
+          if (has_decay) pv = sr ? pv + decay * pv : float(param_t(pv + decay * pv));
+          p[t] = store_param<param_t>(pv - ((Rfk * Cf[j]) * mv) * lr, sr, seed, t);
+        }
+        i = stop;
+      }
+      encode(M, s, e, buf.data());
+    }
+  });
+}
+
+template <typename param_t>
+void full_lowmem_one(at::Tensor& param, const at::Tensor& grad, const Momentum& M,
+                     at::Tensor& exp_avg_sq, const Hyper& h, bool sr, uint64_t seed) {
+  const int64_t numel = param.numel();
+  param_t* p = param.data_ptr<param_t>();
+  const param_t* g = grad.data_ptr<param_t>();
+  float* v = exp_avg_sq.data_ptr<float>();
+  const float eps1 = float(h.eps1), b2 = float(h.beta2), a2 = float(1.0 - h.beta2);
+  const float sign = h.maximize ? -1.0f : 1.0f;
+  const bool nested = at::in_parallel_region();
+  const int nthreads = thread_slots(nested);
+  std::vector<double> sq(nthreads * 8, 0.0);
+  at::parallel_for(0, numel, kGrainElems, [&](int64_t begin, int64_t end) {
+    float s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = begin; i < end; ++i) {
+      const float gv = sign * float(g[i]);
+      const float G = gv * gv + eps1;
+      const float vv = v[i] * b2 + a2 * G;
+      v[i] = vv;
+      const float u = (1.0f / std::sqrt(vv)) * gv;
+      s += u * u;
+    }
+    sq[thread_slot(nested) * 8] += s;
+  });
+  double sumsq = 0;
+  for (int t = 0; t < nthreads; ++t) sumsq += sq[t * 8];
+  const float rms = float(std::sqrt(sumsq)) / float(std::sqrt(double(numel)));
+  const float denom = std::max(rms / float(h.clip), 1.0f);
+  const float b1 = float(h.beta1), a1 = float(1.0 - h.beta1);
+  const float lr = float(h.lr);
+  const float decay = lowmem_decay_factor<param_t>(h, sr);
+  const bool has_decay = h.weight_decay != 0;
+  const int64_t unit = M.unit();
+  const int64_t units = (numel + unit - 1) / unit;
+  at::parallel_for(0, units, std::max<int64_t>(1, kGrainElems / unit), [&](int64_t ub,
+                                                                          int64_t ue) {
+    std::vector<float> buf(std::min(unit, numel));
+    for (int64_t un = ub; un < ue; ++un) {
+      const int64_t s = un * unit, e = std::min(numel, s + unit);
+      decode(M, s, e, buf.data());
+      for (int64_t t = s; t < e; ++t) {
+        const float u = ((1.0f / std::sqrt(v[t])) * (sign * float(g[t]))) / denom;
+        const float mv = buf[t - s] * b1 + a1 * u;
+        buf[t - s] = mv;
+        float pv = float(p[t]);
+        if (has_decay) pv = sr ? pv + decay * pv : float(param_t(pv + decay * pv));
+        p[t] = store_param<param_t>(pv - mv * lr, sr, seed, t);
+      }
+      encode(M, s, e, buf.data());
+    }
+  });
+}
+
 Hyper make_hyper(const at::Tensor& lr, bool lr_is_tensor, double weight_decay,
                  std::vector<double> betas, std::vector<double> eps, double clip,
                  bool maximize) {
@@ -412,6 +707,74 @@ void full_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
     }
   });
 }
+
+void check_lowmem_dtypes(const std::vector<at::Tensor>& params) {
+  for (const auto& p : params) {
+    const auto t = p.scalar_type();
+    TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
+                "torchcame fused kernel: unsupported dtype for low-memory options ", t);
+  }
+}
+
+inline uint64_t tensor_seed(int64_t seed, size_t i) {
+  return uint64_t(seed) ^ (0xD1B54A32D192ED03ULL * uint64_t(i + 1));
+}
+
+void factored_step_lowmem(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
+                          std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> absmaxes,
+                          std::vector<at::Tensor> rows, std::vector<at::Tensor> cols,
+                          std::vector<at::Tensor> res_rows, std::vector<at::Tensor> res_cols,
+                          at::Tensor lr, bool lr_is_tensor, double weight_decay,
+                          std::vector<double> betas, std::vector<double> eps, double clip,
+                          bool maximize, int64_t block_size, bool stochastic_rounding,
+                          int64_t seed) {
+  const Hyper h = make_hyper(lr, lr_is_tensor, weight_decay, betas, eps, clip, maximize);
+  check_lowmem_dtypes(params);
+  for_each_tensor(params, [&](size_t i) {
+    const Momentum M = momentum_of(exp_avgs[i], absmaxes[i], block_size);
+    const uint64_t s = tensor_seed(seed, i);
+    auto& p = params[i];
+    switch (p.scalar_type()) {
+      case at::kFloat:
+        factored_lowmem_one<float>(p, grads[i], M, rows[i], cols[i], res_rows[i], res_cols[i],
+                                   h, false, s);
+        break;
+      case at::kBFloat16:
+        factored_lowmem_one<c10::BFloat16>(p, grads[i], M, rows[i], cols[i], res_rows[i],
+                                           res_cols[i], h, stochastic_rounding, s);
+        break;
+      default:
+        factored_lowmem_one<c10::Half>(p, grads[i], M, rows[i], cols[i], res_rows[i],
+                                       res_cols[i], h, stochastic_rounding, s);
+    }
+  });
+}
+
+void full_step_lowmem(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
+                      std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> absmaxes,
+                      std::vector<at::Tensor> exp_avg_sqs, at::Tensor lr, bool lr_is_tensor,
+                      double weight_decay, std::vector<double> betas, std::vector<double> eps,
+                      double clip, bool maximize, int64_t block_size, bool stochastic_rounding,
+                      int64_t seed) {
+  const Hyper h = make_hyper(lr, lr_is_tensor, weight_decay, betas, eps, clip, maximize);
+  check_lowmem_dtypes(params);
+  for_each_tensor(params, [&](size_t i) {
+    const Momentum M = momentum_of(exp_avgs[i], absmaxes[i], block_size);
+    const uint64_t s = tensor_seed(seed, i);
+    auto& p = params[i];
+    switch (p.scalar_type()) {
+      case at::kFloat:
+        full_lowmem_one<float>(p, grads[i], M, exp_avg_sqs[i], h, false, s);
+        break;
+      case at::kBFloat16:
+        full_lowmem_one<c10::BFloat16>(p, grads[i], M, exp_avg_sqs[i], h, stochastic_rounding,
+                                       s);
+        break;
+      default:
+        full_lowmem_one<c10::Half>(p, grads[i], M, exp_avg_sqs[i], h, stochastic_rounding, s);
+    }
+  });
+}
 """
 
 _module = None
@@ -490,7 +853,7 @@ def load_kernel(verbose: bool = False):
         _module = load_inline(
             name=name,
             cpp_sources=[KERNEL_SOURCE],
-            functions=["factored_step", "full_step"],
+            functions=["factored_step", "full_step", "factored_step_lowmem", "full_step_lowmem"],
             extra_cflags=cflags,
             extra_ldflags=["-fopenmp"],
             verbose=verbose or bool(os.environ.get("TORCHCAME_VERBOSE_BUILD")),
