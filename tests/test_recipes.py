@@ -242,6 +242,21 @@ def test_comparison_same_start_and_measurements(task, small_corpus):
     assert state["lamb"] == pytest.approx(state["adamw"], rel=0.01)
 
 
+def test_lowmem_recipe_trains_bf16_weights_in_backward(small_corpus, recwarn):
+    """came-lowmem: bf16 weights, int8 momentum, stochastic rounding, step-in-backward (no
+    scheduler warning: the hooks count as optimizer steps); it learns like fp32 CAME."""
+    cfg = LMConfig(task="gpt", **TINY, steps=12, warmup=2, optimizers=("came", "came-lowmem"))
+    runs, _ = run_comparison(cfg, corpus=small_corpus, progress=False)
+    came, low = runs
+    assert low["history"]["val_loss"][0] == pytest.approx(came["history"]["val_loss"][0],
+                                                          rel=0.02)  # bf16 copy of the start
+    assert low["final_val_loss"] < low["history"]["val_loss"][0]
+    assert low["final_val_loss"] == pytest.approx(came["final_val_loss"], rel=0.05)
+    assert low["optimizer_state_bytes"] < 0.6 * came["optimizer_state_bytes"]  # small: fp32 m
+    assert low["memory"]["peak_bytes"] < 0.75 * came["memory"]["peak_bytes"]
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
+
+
 def test_runs_are_reproducible(small_corpus):
     cfg = LMConfig(
         task="gpt", **TINY, steps=6, warmup=1, optimizers=("came",), measure_memory=False

@@ -83,6 +83,9 @@ def _make_hook(optimizer: Any, group: dict[str, Any]):
                     group["skipped_steps"] += 1
                 else:
                     optimizer._step_group(group, [param], grads)
+                    # what torch's LR schedulers check to tell "optimizer.step() ran" (they
+                    # would otherwise warn that scheduler.step() came before it)
+                    optimizer._opt_called = True
         param.grad = None
 
     return hook

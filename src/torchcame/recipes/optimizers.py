@@ -34,11 +34,22 @@ DEFAULT_LR: dict[str, float] = {
 }
 
 #: CAME with opt-in options, by name (same default lr as ``came``): 8-bit / bf16 momentum,
-#: bias correction.
+#: bias correction, and the whole low-memory configuration ``came-lowmem`` (bf16 weights,
+#: see :data:`LOWMEM_TRAINING`).
 CAME_VARIANTS: dict[str, dict[str, Any]] = {
     "came-bf16": {"momentum_dtype": torch.bfloat16},
     "came-int8": {"momentum_dtype": "int8"},
     "came-bc": {"bias_correction": True},
+    "came-lowmem": {"momentum_dtype": "int8", "stochastic_rounding": True, "fused": True},
+}
+
+#: How the training loop changes for an optimizer name: ``came-lowmem`` trains bf16 weights
+#: (no float32 copy; stochastic rounding) and steps each parameter during backward
+#: (:func:`torchcame.step_in_backward`, gradients freed at once), so the recipe's global
+#: gradient-norm clipping, which needs every gradient at once, is not applied (CAME clips
+#: its update per tensor either way).
+LOWMEM_TRAINING: dict[str, dict[str, Any]] = {
+    "came-lowmem": {"param_dtype": torch.bfloat16, "step_in_backward": True},
 }
 DEFAULT_LR.update({name: DEFAULT_LR["came"] for name in CAME_VARIANTS})
 

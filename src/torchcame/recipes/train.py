@@ -30,8 +30,9 @@ from typing import Any
 import torch
 
 from ..memory import MB, measure_step_memory, optimizer_state_bytes
+from ..step_in_backward import step_in_backward
 from .data import MLM_VOCAB, PAD_ID, BatchSampler, Corpus, load_corpus, mask_tokens
-from .optimizers import DEFAULT_LR, OPTIMIZERS, build_optimizer
+from .optimizers import DEFAULT_LR, LOWMEM_TRAINING, OPTIMIZERS, build_optimizer
 
 __all__ = [
     "LMConfig",
@@ -220,9 +221,11 @@ def run_one(
         )
     train_eval, val_eval = eval_sets
     torch.manual_seed(seed)
-    model = build_model(cfg).to(device)
+    lowmem = LOWMEM_TRAINING.get(optimizer, {})
+    model = build_model(cfg).to(device, dtype=lowmem.get("param_dtype", torch.float32))
     model.train()
     opt = build_optimizer(optimizer, model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    in_backward = step_in_backward(opt) if lowmem.get("step_in_backward") else None
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(cfg.warmup, cfg.steps, cfg.min_lr_ratio)
     )
@@ -238,11 +241,12 @@ def run_one(
 
     def train_step(batch: dict) -> None:
         loss = model(**batch).loss
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss.backward()  # with step-in-backward, the parameters are updated here
+        if in_backward is None:
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
 
     def evaluate_now(step: int) -> None:
@@ -287,6 +291,8 @@ def run_one(
             evaluate_now(step + 1)
             bar.set_postfix(train=f"{loss:.3f}", val=f"{hist['val_loss'][-1]:.3f}")
     wall = time.perf_counter() - start
+    if in_backward is not None:
+        in_backward.remove()
     state_bytes = optimizer_state_bytes(opt)
     final_val = math.nan if diverged else hist["val_loss"][-1]
     final_train = math.nan if diverged else _evaluate(model, train_eval, device)
