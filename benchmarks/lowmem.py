@@ -14,7 +14,10 @@ Parts (``--parts``, default all):
   for several block sizes (bitsandbytes-style: relative L2 error, and max error against the
   absmax/254 bound).
 * ``quality``: final validation loss of the GPT recipe (demo model, ``--steps``) over seeds
-  for each momentum mode next to float32 CAME.
+  for each momentum mode, and the whole low-memory configuration, next to float32 CAME.
+* ``speed``: optimizer-step time on GPT-2 124M shapes of the low-memory step (bf16 weights,
+  int8 momentum, stochastic rounding) on the fused kernel and on the multi-tensor path,
+  beside fused AdamW and fused float32 CAME (interleaved rounds, median of ratios).
 
 Results go to ``benchmarks/results/lowmem/`` (JSON, PNG, markdown). Run from the repo root:
 
@@ -344,6 +347,56 @@ def part_quality(steps: int, seeds: list[int], modes: list[str], command: str,
             "runs": [{k: v for k, v in r.items() if k != "history"} for r in runs]}
 
 
+# ------------------------------------------------------------------------------ step speed
+
+
+SPEED_CONFIGS = {
+    "AdamW fused, fp32 weights": dict(opt="adamw", dtype=torch.float32),
+    "CAME fused, fp32 weights": dict(opt="came", dtype=torch.float32, fused=True),
+    "CAME bf16 weights + int8 + SR, fused kernel": dict(
+        opt="came", dtype=torch.bfloat16, fused=True, momentum="int8", sr=True),
+    "CAME bf16 weights + int8 + SR, foreach (float32 chunks)": dict(
+        opt="came", dtype=torch.bfloat16, foreach=True, momentum="int8", sr=True),
+}
+
+
+def part_speed(rounds: int) -> dict:
+    """Optimizer-step time on GPT-2 124M shapes, candidates stepped in turn round after round;
+    the median over rounds of each candidate's time over fused AdamW's in the same round."""
+    from tqdm.auto import tqdm
+
+    shapes = gpt2_124m_shapes()
+    gen = torch.Generator().manual_seed(0)
+    grads32 = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
+    setups = {}
+    for name, cfg in SPEED_CONFIGS.items():
+        params = [torch.zeros(s, dtype=cfg["dtype"], requires_grad=True) for s in shapes]
+        for p, g in zip(params, grads32):
+            p.grad = g.to(cfg["dtype"])
+        if cfg["opt"] == "adamw":
+            opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+        else:
+            opt = CAME(params, lr=1e-4, momentum_dtype=cfg.get("momentum", "float32"),
+                       stochastic_rounding=cfg.get("sr", False), fused=cfg.get("fused"),
+                       foreach=cfg.get("foreach"))
+        opt.step()  # state, kernel build, warm caches
+        setups[name] = opt
+    del grads32
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    for _ in tqdm(range(rounds), desc="step speed (rounds)"):
+        for name, opt in setups.items():
+            start = time.perf_counter()
+            opt.step()
+            times[name].append(time.perf_counter() - start)
+    base = "AdamW fused, fp32 weights"
+    rows = []
+    for name in setups:
+        ratios = sorted(t / b for t, b in zip(times[name], times[base]))
+        rows.append({"config": name, "median_seconds": sorted(times[name])[rounds // 2],
+                     "ratio_to_fused_adamw": ratios[rounds // 2], "times": times[name]})
+    return {"rounds": rounds, "threads": torch.get_num_threads(), "rows": rows}
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -372,6 +425,15 @@ def markdown(results: dict) -> str:
                   f"{x['state_bytes'] / MB:.2f} | {x.get('kernel_workspace_bytes', 0) / 1024:.1f} "
                   f"| {x['ratio_to_adamw_fp32']:.3f} |" for x in r["rows"]]
         lines.append("")
+    if "speed" in results:
+        r = results["speed"]
+        lines += [f"## Optimizer-step time, GPT-2 124M shapes ({r['threads']} threads, "
+                  f"{r['rounds']} interleaved rounds)", ""]
+        lines += command(r) + ["| configuration | median step s | × fused AdamW (median of "
+                               "per-round ratios) |", "|---|---|---|"]
+        lines += [f"| {x['config']} | {x['median_seconds']:.3f} | "
+                  f"{x['ratio_to_fused_adamw']:.2f} |" for x in r["rows"]]
+        lines.append("")
     if "error" in results:
         r = results["error"]
         lines += ["## int8 momentum error by block size", ""]
@@ -396,8 +458,10 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", nargs="+", default=["state", "peak", "error", "quality"],
-                        choices=["state", "peak", "error", "quality"])
+    parser.add_argument("--parts", nargs="+",
+                        default=["state", "peak", "error", "quality", "speed"],
+                        choices=["state", "peak", "error", "quality", "speed"])
+    parser.add_argument("--speed-rounds", type=int, default=7)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16],
                         help="peak: batch sizes (16 is the demo's)")
     parser.add_argument("--error-steps", type=int, default=200)
@@ -427,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     if "quality" in args.parts:
         results["quality"] = part_quality(args.quality_steps, args.seeds, args.quality_modes,
                                           cmd, results.get("quality"))
+    if "speed" in args.parts:
+        results["speed"] = {**part_speed(args.speed_rounds), "command": cmd}
     write_json(results, path)
     (args.out / "lowmem.md").write_text(markdown(results) + "\n")
     print(markdown(results))

@@ -210,14 +210,14 @@ def kernel_workspace_bytes(shape: tuple[int, ...] | torch.Size, threads: int | N
     variant's storage unit (elements per int8 block, or 4096 for bf16/float32 momentum;
     ``None`` for the float32 kernel). Factored ``(B, n, m)``: row and column sums in double
     (``B n + (threads + 1) B m``), four float factor vectors (``2 (B n + B m)``), per-thread
-    row buffers (``2 m`` floats); every tensor: per-thread sums of squares and one storage
-    unit per thread.
+    row buffers (``2 m`` floats); every tensor: per-thread sums of squares and two buffers
+    of one storage unit per thread (momentum and new weights).
     """
     threads = torch.get_num_threads() if threads is None else threads
     numel = 1
     for d in shape:
         numel *= int(d)
-    per_thread = 8 * 8 + 4 * min(unit or 0, numel)
+    per_thread = 8 * 8 + 2 * 4 * min(unit or 0, numel)  # m and new-weight buffers
     if len(shape) >= 2 and int(shape[-1]) > 0 and int(shape[-2]) > 0:
         m, n = int(shape[-1]), int(shape[-2])
         B = numel // (n * m)

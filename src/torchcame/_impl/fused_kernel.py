@@ -41,6 +41,7 @@ KERNEL_SOURCE = r"""
 #include <c10/util/Half.h>
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <cmath>
 #include <vector>
@@ -388,22 +389,36 @@ inline void encode(const Momentum& M, int64_t s, int64_t e, const float* __restr
       for (int64_t t = b0; t < b1; ++t) amax = std::max(amax, std::fabs(in[t - s]));
       // as torch evaluates `127.0 / absmax` (Tensor.__rtruediv__: reciprocal, then multiply)
       const float inv = amax > 0.0f ? (1.0f / amax) * 127.0f : 0.0f;
+      // round half to even as torch.round does: |x * inv| <= 127 (up to rounding) < 2^22,
+      // where adding and subtracting 1.5 * 2^23 rounds to an integer in the FP rounding mode
+      // (nearest even); unlike std::nearbyint, this vectorizes
+      constexpr float kMagic = 12582912.0f;
+      int8_t* __restrict q = M.q;
+#pragma omp simd
       for (int64_t t = b0; t < b1; ++t) {
-        const float c = std::nearbyint(in[t - s] * inv);
-        M.q[t] = int8_t(std::min(127.0f, std::max(-127.0f, c)));
+        const float c = (in[t - s] * inv + kMagic) - kMagic;
+        q[t] = int8_t(int32_t(std::min(127.0f, std::max(-127.0f, c))));
       }
       M.absmax[b0 / M.block] = amax;
     }
   }
 }
 
-// 32 random bits for element i of a tensor (SplitMix64 of a per-step, per-tensor seed and
-// the index: independent of the thread layout, so results do not depend on thread count).
-inline uint32_t random_bits(uint64_t seed, uint64_t i) {
-  uint64_t z = seed + (i + 1) * 0x9E3779B97F4A7C15ULL;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return uint32_t((z ^ (z >> 31)) >> 32);
+// 32 random bits for element i of a tensor: a 32-bit integer hash (Wellons' lowbias32) of
+// the index mixed with a per-step, per-tensor seed. Counter-based, so results do not depend
+// on the thread layout; branch-free, so the loops using it vectorize.
+inline uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+inline uint32_t random_bits(uint32_t seed, int64_t i) {
+  const uint32_t key = uint32_t(i) ^ (uint32_t(uint64_t(i) >> 32) * 0x85ebca6bU);
+  return hash32(key * 0x9E3779B9U + seed);
 }
 
 // x rounded to one of its two neighbours in T (bf16 or fp16) with probability proportional to
@@ -429,12 +444,41 @@ inline T stochastic_round(float x, uint32_t bits) {
   return u < p_other ? other : nearest;
 }
 
+// bf16 is the top half of a float32: adding 16 uniform random bits to the bottom half and
+// truncating rounds the magnitude up with probability (distance to the lower neighbour) /
+// (spacing) -- the same rule, without branches. Inf and NaN are kept.
+inline uint16_t stochastic_round_bf16_bits(float x, uint32_t bits) {
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof(b));
+  const bool special = (b & 0x7f800000U) == 0x7f800000U;
+  return uint16_t((special ? b : b + (bits & 0xFFFFU)) >> 16);
+}
+
+// p[0 .. len) = v[0 .. len) in param_t: rounded to nearest, or stochastically (element
+// index base + t draws its own random bits).
 template <typename param_t>
-inline param_t store_param(float v, bool sr, uint64_t seed, int64_t i) {
+inline void store_params(param_t* __restrict p, const float* __restrict v, const int64_t len,
+                         const bool sr, const uint32_t seed, const int64_t base) {
   if constexpr (std::is_same_v<param_t, float>) {
-    return v;
+    std::copy(v, v + len, p);
+  } else if constexpr (std::is_same_v<param_t, c10::BFloat16>) {
+    if (sr) {
+      uint16_t* __restrict out = reinterpret_cast<uint16_t*>(p);
+#pragma omp simd
+      for (int64_t t = 0; t < len; ++t) {
+        out[t] = stochastic_round_bf16_bits(v[t], random_bits(seed, base + t));
+      }
+    } else {
+      for (int64_t t = 0; t < len; ++t) p[t] = param_t(v[t]);
+    }
   } else {
-    return sr ? stochastic_round<param_t>(v, random_bits(seed, uint64_t(i))) : param_t(v);
+    if (sr) {
+      for (int64_t t = 0; t < len; ++t) {
+        p[t] = stochastic_round<param_t>(v[t], random_bits(seed, base + t));
+      }
+    } else {
+      for (int64_t t = 0; t < len; ++t) p[t] = param_t(v[t]);
+    }
   }
 }
 
@@ -469,7 +513,7 @@ inline float instability_row(const param_t* __restrict g, const float* __restric
 template <typename param_t>
 void factored_lowmem_one(at::Tensor& param, const at::Tensor& grad, const Momentum& M,
                          at::Tensor& row, at::Tensor& col, at::Tensor& res_row,
-                         at::Tensor& res_col, const Hyper& h, bool sr, uint64_t seed) {
+                         at::Tensor& res_col, const Hyper& h, bool sr, uint32_t seed) {
   const int64_t m = param.size(-1), n = param.size(-2);
   const int64_t B = param.numel() / (n * m), N = B * n;
   param_t* p = param.data_ptr<param_t>();
@@ -531,28 +575,55 @@ void factored_lowmem_one(at::Tensor& param, const at::Tensor& grad, const Moment
   const int64_t units = (numel + unit - 1) / unit;
   at::parallel_for(0, units, std::max<int64_t>(1, kGrainElems / unit), [&](int64_t ub,
                                                                           int64_t ue) {
-    std::vector<float> buf(std::min(unit, numel));
+    std::vector<float> buf(std::min(unit, numel)), pbuf(std::min(unit, numel));
     for (int64_t un = ub; un < ue; ++un) {
       const int64_t s = un * unit, e = std::min(numel, s + unit);
       decode(M, s, e, buf.data());
       int64_t i = s;
-      while (i < e) {
+      while (i < e) {  // the part of row k inside this unit
         const int64_t k = i / m, j0 = i - k * m;
-        const int64_t stop = std::min(e, (k + 1) * m);
-        const int64_t cbase = (k / n) * m;
+        const int64_t len = std::min(e, (k + 1) * m) - i;
+        const int64_t cbase = (k / n) * m + j0;
         const float rfk = rf[k], Rfk = Rf[k];
-        for (int64_t t = i; t < stop; ++t) {
-          const int64_t j = cbase + j0 + (t - i);
-          const float u0 = (rfk * cf[j]) * (sign * float(g[t]));
-          const float u = clip ? u0 / denom : u0;
-          const float mv = buf[t - s] * b1 + a1 * u;
-          buf[t - s] = mv;
-          float pv = float(p[t]);
-          if (has_decay) pv = sr ? pv + decay * pv : float(param_t(pv + decay * pv));
-          p[t] = store_param<param_t>(pv - ((Rfk * Cf[j]) * mv) * lr, sr, seed, t);
+        const float* __restrict cfr = cf.data() + cbase;
+        const float* __restrict Cfr = Cf.data() + cbase;
+        const param_t* __restrict gr = g + i;
+        const param_t* __restrict pr = p + i;
+        float* __restrict mb = buf.data() + (i - s);
+        float* __restrict pb = pbuf.data() + (i - s);
+        // one loop per case (decay rounded to param_t or not, clipping or not), so each
+        // vectorizes; the arithmetic is the same in all
+        auto row_loop = [&](auto decay_mode, auto clip_on) {
+          constexpr int kDecay = decltype(decay_mode)::value;  // 0 none, 1 float, 2 rounded
+          constexpr bool kClip = decltype(clip_on)::value;
+#pragma omp simd
+          for (int64_t t = 0; t < len; ++t) {
+            const float u0 = (rfk * cfr[t]) * (sign * float(gr[t]));
+            const float u = kClip ? u0 / denom : u0;
+            const float mv = mb[t] * b1 + a1 * u;
+            mb[t] = mv;
+            float pv = float(pr[t]);
+            if constexpr (kDecay == 1) pv = pv + decay * pv;
+            if constexpr (kDecay == 2) pv = float(param_t(pv + decay * pv));
+            pb[t] = pv - ((Rfk * Cfr[t]) * mv) * lr;
+          }
+        };
+        using I0 = std::integral_constant<int, 0>;
+        using I1 = std::integral_constant<int, 1>;
+        using I2 = std::integral_constant<int, 2>;
+        const int mode = !has_decay ? 0 : (sr || std::is_same_v<param_t, float>) ? 1 : 2;
+        if (clip) {
+          if (mode == 0) row_loop(I0{}, std::true_type{});
+          else if (mode == 1) row_loop(I1{}, std::true_type{});
+          else row_loop(I2{}, std::true_type{});
+        } else {
+          if (mode == 0) row_loop(I0{}, std::false_type{});
+          else if (mode == 1) row_loop(I1{}, std::false_type{});
+          else row_loop(I2{}, std::false_type{});
         }
-        i = stop;
+        i += len;
       }
+      store_params<param_t>(p + s, pbuf.data(), e - s, sr, seed, s);
       encode(M, s, e, buf.data());
     }
   });
@@ -560,7 +631,7 @@ void factored_lowmem_one(at::Tensor& param, const at::Tensor& grad, const Moment
 
 template <typename param_t>
 void full_lowmem_one(at::Tensor& param, const at::Tensor& grad, const Momentum& M,
-                     at::Tensor& exp_avg_sq, const Hyper& h, bool sr, uint64_t seed) {
+                     at::Tensor& exp_avg_sq, const Hyper& h, bool sr, uint32_t seed) {
   const int64_t numel = param.numel();
   param_t* p = param.data_ptr<param_t>();
   const param_t* g = grad.data_ptr<param_t>();
@@ -595,19 +666,23 @@ void full_lowmem_one(at::Tensor& param, const at::Tensor& grad, const Momentum& 
   const int64_t units = (numel + unit - 1) / unit;
   at::parallel_for(0, units, std::max<int64_t>(1, kGrainElems / unit), [&](int64_t ub,
                                                                           int64_t ue) {
-    std::vector<float> buf(std::min(unit, numel));
+    std::vector<float> buf(std::min(unit, numel)), pbuf(std::min(unit, numel));
     for (int64_t un = ub; un < ue; ++un) {
       const int64_t s = un * unit, e = std::min(numel, s + unit);
       decode(M, s, e, buf.data());
+      float* __restrict mb = buf.data();
+      float* __restrict pb = pbuf.data();
+#pragma omp simd
       for (int64_t t = s; t < e; ++t) {
         const float u = ((1.0f / std::sqrt(v[t])) * (sign * float(g[t]))) / denom;
-        const float mv = buf[t - s] * b1 + a1 * u;
-        buf[t - s] = mv;
+        const float mv = mb[t - s] * b1 + a1 * u;
+        mb[t - s] = mv;
         float pv = float(p[t]);
         if (has_decay) pv = sr ? pv + decay * pv : float(param_t(pv + decay * pv));
-        p[t] = store_param<param_t>(pv - mv * lr, sr, seed, t);
+        pb[t - s] = pv - mv * lr;
       }
-      encode(M, s, e, buf.data());
+      store_params<param_t>(p + s, pb, e - s, sr, seed, s);
+      encode(M, s, e, mb);
     }
   });
 }
@@ -716,8 +791,8 @@ void check_lowmem_dtypes(const std::vector<at::Tensor>& params) {
   }
 }
 
-inline uint64_t tensor_seed(int64_t seed, size_t i) {
-  return uint64_t(seed) ^ (0xD1B54A32D192ED03ULL * uint64_t(i + 1));
+inline uint32_t tensor_seed(int64_t seed, size_t i) {
+  return hash32(uint32_t(seed) ^ hash32(uint32_t(uint64_t(seed) >> 32) + uint32_t(i)));
 }
 
 void factored_step_lowmem(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
@@ -732,7 +807,7 @@ void factored_step_lowmem(std::vector<at::Tensor> params, std::vector<at::Tensor
   check_lowmem_dtypes(params);
   for_each_tensor(params, [&](size_t i) {
     const Momentum M = momentum_of(exp_avgs[i], absmaxes[i], block_size);
-    const uint64_t s = tensor_seed(seed, i);
+    const uint32_t s = tensor_seed(seed, i);
     auto& p = params[i];
     switch (p.scalar_type()) {
       case at::kFloat:
@@ -760,7 +835,7 @@ void full_step_lowmem(std::vector<at::Tensor> params, std::vector<at::Tensor> gr
   check_lowmem_dtypes(params);
   for_each_tensor(params, [&](size_t i) {
     const Momentum M = momentum_of(exp_avgs[i], absmaxes[i], block_size);
-    const uint64_t s = tensor_seed(seed, i);
+    const uint32_t s = tensor_seed(seed, i);
     auto& p = params[i];
     switch (p.scalar_type()) {
       case at::kFloat:
