@@ -152,8 +152,9 @@ def came(
             opt-in extensions of :class:`torchcame.CAME` (``factor_dims``/``factor_min_dim``
             and the momentum storage must match how ``states`` were built by
             :func:`init_state`). bf16/int8 momentum and stochastic rounding work on every
-            path (the fast paths step chunks of tensors on a float32 copy of their momentum,
-            and of their weights for stochastic rounding); ``bias_correction`` and
+            path: the fused CPU kernel decodes and re-encodes them in place (no float32
+            copies); the other paths step chunks of tensors on a float32 copy of their
+            momentum, and of their weights for stochastic rounding. ``bias_correction`` and
             ``factor_dims="largest"`` run on the reference path whatever ``foreach``/``fused``
             say.
 

@@ -11,8 +11,10 @@ float32. ``momentum_dtype`` chooses how ``m`` is stored between steps:
   Optimizers via Block-wise Quantization", ICLR 2022). A code ``q`` in [-127, 127] stands for
   ``q / 127 * absmax``; the error of any element is at most ``absmax / 254`` of its block.
 
-The math of a step always runs on a float32 copy of ``m``: the instability ``(û - m)²`` and the
-update ``m / sqrt(Ŝ)`` use this step's float32 ``m`` before it is stored back.
+The math of a step always uses this step's float32 ``m``: the instability ``(û - m)²`` and the
+update ``m / sqrt(Ŝ)`` use it before it is stored back. The multi-tensor and reference paths
+hold it as a float32 copy (a chunk of tensors at a time); the fused CPU kernel recomputes it
+a block at a time and never stores it at full size.
 """
 
 from __future__ import annotations
