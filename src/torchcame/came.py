@@ -439,9 +439,11 @@ def _convert_param_state(
         return {}
     is_dtensor = type(param).__name__ == "DTensor"
     if is_dtensor:  # state is checked against the global shape, then laid out like param
-        expected = init_state(torch.empty(param.shape, dtype=param.dtype, device="meta"))
+        meta = torch.empty(param.shape, dtype=param.dtype, device="meta")
+        expected = init_state(meta, **_layout_options(group))
     else:
         expected = init_state(param.detach().to("meta"), **_layout_options(group))
+    if not any(type(v).__name__ == "DTensor" for v in entry.values()):
         entry = _convert_momentum(entry, expected, saved_group["quantization_block_size"],
                                   group["quantization_block_size"], pid)
     missing = set(expected) - set(entry)
@@ -468,7 +470,7 @@ def _convert_param_state(
         if is_dtensor:
             from .distributed import to_param_layout
 
-            out[key] = to_param_layout(param, key, value)
+            out[key] = to_param_layout(param, key, value, dtype=ref.dtype)
             continue
         out[key] = value.to(device=param.device, dtype=ref.dtype)
     return out

@@ -225,17 +225,18 @@ def _wrap(local: Tensor, mesh: Any, placements: tuple, shape: torch.Size) -> Ten
                               stride=_contiguous_stride(shape))
 
 
-def init_state_dtensor(param: Tensor) -> dict[str, Tensor]:
+def init_state_dtensor(param: Tensor, momentum_dtype: Any = "float32") -> dict[str, Tensor]:
     """A zero CAME state for a DTensor parameter, each statistic a DTensor laid out for DCP.
 
     Local shards have exactly the shapes the distributed step works on, so the state saves
     with ``torch.distributed.checkpoint`` on N ranks and loads on M. ``step`` stays a plain
-    float32 0-d CPU tensor (the same on every rank). No communication.
+    float32 0-d CPU tensor (the same on every rank). No communication. ``momentum_dtype``
+    may be float32 or bfloat16 (m laid out like the parameter either way).
     """
     from .functional import init_state
 
     check_param(param)
-    local_state = init_state(param.to_local())
+    local_state = init_state(param.to_local(), momentum_dtype=momentum_dtype)
     global_shapes = {k: v.shape for k, v in init_state(_meta_like(param)).items()}
     placements = state_placements(param)
     out: dict[str, Tensor] = {"step": local_state.pop("step")}
@@ -255,14 +256,16 @@ def _local_range(size: int, num_chunks: int, index: int) -> tuple[int, int]:
     return start, max(0, min(size, start + chunk) - start)
 
 
-def to_param_layout(param: Tensor, key: str, value: Tensor) -> Tensor:
+def to_param_layout(param: Tensor, key: str, value: Tensor,
+                    dtype: torch.dtype | None = None) -> Tensor:
     """Convert a loaded state tensor of a DTensor ``param`` to the layout CAME steps on.
 
     ``value`` may be a DTensor (e.g. from DCP, possibly with other placements on the same mesh)
     or a plain tensor of the full (global) shape, e.g. from a single-process checkpoint; then
-    each rank keeps its own chunk (no communication).
+    each rank keeps its own chunk (no communication). It is cast to ``dtype`` (default: the
+    compute dtype of ``param``; bf16 for a bf16 momentum).
     """
-    dtype = compute_dtype(param.dtype)
+    dtype = compute_dtype(param.dtype) if dtype is None else dtype
     placements = state_placements(param)[key]
     mesh = param.device_mesh
     device = param.to_local().device
@@ -325,6 +328,17 @@ class _ParamStep:
     args: StepArgs | None = None  # the hyperparameters of the param's group
     partials: list[Tensor] = field(default_factory=list)
     update: Tensor | None = None
+    # a float32 working copy of a bf16 momentum, from phase 2 until it is stored back
+    momentum: Tensor | None = None
+
+    def _momentum(self) -> Tensor:
+        if self.momentum is not None:
+            return self.momentum
+        exp_avg = self.state["exp_avg"]
+        if exp_avg.dtype != self.grad.dtype:  # bf16 storage: compute on this step's float32
+            self.momentum = exp_avg.to(self.grad.dtype)
+            return self.momentum
+        return exp_avg
 
     # phase 1: second moment; partial sums for c (or r), mean(r) and sum(u²)
     def phase1(self, args: StepArgs) -> None:
@@ -386,7 +400,7 @@ class _ParamStep:
         rms = sum_sq.reshape(()).sqrt() / math.sqrt(self.numel)
         update.div_((rms / args.clip_threshold).clamp_(min=1.0))
         # 5. momentum
-        exp_avg = st["exp_avg"]
+        exp_avg = self._momentum()
         ema_(exp_avg, update, beta1)
         self.partials = []
         if self.role == "vector":
@@ -415,12 +429,12 @@ class _ParamStep:
             ema_(st["exp_avg_res_col"], col_sum.div_(self.n), beta3)
             self.update = _rsqrt_factors(
                 st["exp_avg_res_row"], row_sum.div_(self.n), st["exp_avg_res_col"]
-            ).mul_(st["exp_avg"])
+            ).mul_(self._momentum())
         elif self.role == "cols":
             (row_sum,) = self.partials
             ema_(st["exp_avg_res_row"], row_sum.div_(self.m), beta3)
             self.update = approx_rsqrt(st["exp_avg_res_row"], st["exp_avg_res_col"]).mul_(
-                st["exp_avg"]
+                self._momentum()
             )
         if args.bias_correction:  # m / (1 - beta1^t) and S_hat / (1 - beta3^t)
             step = float(st["step"])
@@ -430,6 +444,9 @@ class _ParamStep:
             self.update.mul_(scale)
         apply_update_(self.param, self.update, args.lr, args.weight_decay,
                       args.stochastic_rounding)
+        if self.momentum is not None:  # round the float32 m of this step into its storage
+            st["exp_avg"].copy_(self.momentum)
+            self.momentum = None
         self.update = None
         self.partials = []
 

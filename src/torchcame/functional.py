@@ -58,14 +58,14 @@ def init_state(
     """
     mode = normalize_momentum_dtype(momentum_dtype)
     if _has_dtensor([param]):
-        if mode != "float32" or factor_dims != "last_two":
+        if mode == "int8" or factor_dims != "last_two":
             raise NotImplementedError(
-                "momentum_dtype other than float32 and factor_dims other than 'last_two' are "
-                "not supported for DTensor (FSDP2) parameters yet"
+                "momentum_dtype='int8' and factor_dims other than 'last_two' are not supported "
+                "for DTensor (FSDP2) parameters yet; momentum_dtype=torch.bfloat16 is"
             )
         from .distributed import init_state_dtensor
 
-        return init_state_dtensor(param)
+        return init_state_dtensor(param, momentum_dtype=mode)
     dtype = compute_dtype(param.dtype)
     shape = param.shape
 
