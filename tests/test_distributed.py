@@ -338,6 +338,89 @@ def _scenario_bf16_momentum(rank, world, out: Path) -> None:
         torch.save(snap, out / f"bf16_momentum_w{world}.pt")
 
 
+def int8_groups(model: nn.Module) -> list[dict]:
+    """int8 momentum for every matrix (min_quantized_numel=0), with a block size that divides
+    each one's dim-0 slice (12, 18 -> 6; 21 -> 7; 8 -> 4), as FSDP2 int8 requires; vectors
+    keep float32 m."""
+    named = dict(model.named_parameters())
+
+    def pick(*names):
+        return [p for n, p in named.items() if n.removeprefix("module.") in names]
+
+    int8 = {"momentum_dtype": "int8", "min_quantized_numel": 0}
+    return [
+        {"params": pick("emb.weight", "fc1.weight", "fc2.weight"),
+         "quantization_block_size": 6, **int8},
+        {"params": pick("batched"), "quantization_block_size": 7, **int8},
+        {"params": pick("conv.weight"), "quantization_block_size": 4, **int8},
+        {"params": [p for p in named.values() if p.dim() < 2], "weight_decay": 0.0, **int8},
+    ]
+
+
+@functools.lru_cache(maxsize=4)
+def reference_int8_run(steps: int) -> dict:
+    from torchcame import CAME
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = make_net()
+        optim = CAME(int8_groups(model), **HYPER)
+        for step in range(steps):
+            loss_fn(model, *batch(step)).backward()
+            optim.step()
+            optim.zero_grad()
+        return snapshot(model, optim)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _scenario_int8_momentum(rank, world, out: Path) -> None:
+    """int8 momentum under FSDP2; DCP save (2 ranks) and load on 3 ranks; unaligned blocks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from torchcame import CAME
+
+    model = _fsdp_model()
+    optim = CAME(int8_groups(model), **HYPER)
+    _train(model, optim, rank, world, EARLY_STEPS)
+    early = snapshot(model, optim)
+    _train(model, optim, rank, world, STEPS - EARLY_STEPS, start=EARLY_STEPS)
+    snap = snapshot(model, optim)
+    snap["early"] = early
+    snap["dtypes"] = sorted({str(st["exp_avg"].dtype) for st in optim.state.values()})
+    state_dict = {"model": get_model_state_dict(model),
+                  "optim": get_optimizer_state_dict(model, optim)}
+    saved = out.parent / "w2" / "ckpt_int8"
+    if world == 2:
+        dcp.save(state_dict, checkpoint_id=str(saved))
+    elif saved.exists():  # resharded: 2 ranks -> this many
+        model2 = _fsdp_model(seed=9)
+        optim2 = CAME(int8_groups(model2), **HYPER)
+        sd = {"model": get_model_state_dict(model2),
+              "optim": get_optimizer_state_dict(model2, optim2)}
+        dcp.load(sd, checkpoint_id=str(saved))
+        set_model_state_dict(model2, sd["model"])
+        set_optimizer_state_dict(model2, optim2, sd["optim"])
+        snap["loaded_from_w2"] = snapshot(model2, optim2)
+    bad = _fsdp_model()
+    groups = int8_groups(bad)
+    groups[0]["quantization_block_size"] = 5  # 12 and 18 are not multiples of 5
+    try:
+        CAME(groups, **HYPER).init_state()
+        snap["unaligned_error"] = None
+    except NotImplementedError as err:
+        snap["unaligned_error"] = str(err)
+    if rank == 0:
+        torch.save(snap, out / f"int8_momentum_w{world}.pt")
+
+
 def _scenario_fsdp_shard1(rank, world, out: Path) -> None:
     """FSDP2 with ``shard_placement_fn`` -> Shard(1): columns of matrices are sharded."""
     from torchcame import CAME
@@ -549,6 +632,7 @@ def worker(rank: int, world: int, port: int, out: Path, mode: str) -> None:
             _scenario_skip_nonfinite(rank, world, out)
             _scenario_bias_correction(rank, world, out)
             _scenario_bf16_momentum(rank, world, out)
+            _scenario_int8_momentum(rank, world, out)
             _scenario_from_single(rank, world, out)
             _scenario_count(rank, world, out)
             _scenario_errors(rank, world, out)
@@ -664,6 +748,35 @@ def test_fsdp2_bf16_momentum_equals_single_process(runs, world):
     assert got["reloaded_equal"] and got["reloaded_dtypes"] == ["torch.bfloat16"]
     ref = reference_run(STEPS, momentum_dtype=torch.bfloat16)
     assert_close_rel(got["params"], ref["params"], rtol=1e-2)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_int8_momentum_equals_single_process(runs, world):
+    """int8 momentum under FSDP2 quantizes the same blocks as one process (each rank holds
+    whole blocks): after a step, parameters and float32 statistics match tightly and codes
+    may differ by one (a split sum moving a value across a rounding boundary); the long run
+    loosely (CAME amplifies such flips). A DCP checkpoint of 2 ranks loads on 3 exactly."""
+    got = _load(runs / f"w{world}" / f"int8_momentum_w{world}.pt")
+    assert got["dtypes"] == ["torch.float32", "torch.int8"]  # vectors stay float32
+    early = reference_int8_run(EARLY_STEPS)
+    assert_close_rel(got["early"]["params"], early["params"])
+    codes = [k for k in early["state"] if early["state"][k].dtype == torch.int8]
+    assert len(codes) == 5
+    floats = {k: v for k, v in early["state"].items() if k not in codes}
+    assert_close_rel({k: v.reshape(-1) for k, v in got["early"]["state"].items() if k in floats},
+                     {k: v.reshape(-1) for k, v in floats.items()})
+    for key in codes:
+        assert (got["early"]["state"][key].int() - early["state"][key].int()).abs().max() <= 1
+    ref = reference_int8_run(STEPS)
+    assert_close_rel(got["params"], ref["params"], rtol=1e-2)
+    if world == 3:
+        w2 = _load(runs / "w2" / "int8_momentum_w2.pt")
+        loaded = got["loaded_from_w2"]
+        for key, value in w2["state"].items():
+            assert torch.equal(loaded["state"][key], value), key
+        for key, value in w2["params"].items():
+            assert torch.equal(loaded["params"][key], value), key
+    assert "Shard(0)" in got["unaligned_error"] and "(12)" in got["unaligned_error"]
 
 
 @pytest.mark.parametrize("world", [2, 3])

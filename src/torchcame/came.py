@@ -175,7 +175,7 @@ class CAME(Optimizer):
         momentum_dtype: how the momentum m is stored between steps: ``torch.float32``
             (default), ``torch.bfloat16`` (2 bytes per element, round to nearest) or
             ``"int8"`` (block-wise absmax 8-bit, one float32 scale per
-            ``quantization_block_size`` elements; tensors smaller than
+            ``quantization_block_size`` elements; vectors and tensors smaller than
             ``min_quantized_numel`` stay float32). Every factored statistic stays float32 and
             the step's math runs on a float32 m. See :mod:`torchcame.lowbit`.
         quantization_block_size: elements per int8 block (default: 256).
@@ -446,6 +446,15 @@ def _convert_param_state(
     if not any(type(v).__name__ == "DTensor" for v in entry.values()):
         entry = _convert_momentum(entry, expected, saved_group["quantization_block_size"],
                                   group["quantization_block_size"], pid)
+    if is_dtensor and "exp_avg_absmax" in expected:  # DTensor int8 scales: per dim-0 slice
+        rows = param.shape[0]
+        per_slice = expected["exp_avg_absmax"].numel() // rows if rows else 0
+        slices = expected["exp_avg_absmax"].new_empty((rows, per_slice))
+        expected["exp_avg_absmax"] = slices
+        absmax = entry.get("exp_avg_absmax")
+        if (isinstance(absmax, Tensor) and type(absmax).__name__ != "DTensor"
+                and absmax.dim() == 1 and absmax.numel() == slices.numel()):
+            entry = {**entry, "exp_avg_absmax": absmax.view(slices.shape)}
     missing = set(expected) - set(entry)
     unknown = set(entry) - set(expected)
     if missing or unknown:

@@ -58,6 +58,7 @@ from torch import Tensor
 from ._factored import approx_rsqrt, ema_, is_factored
 from ._impl.common import StepArgs, compute_dtype
 from ._impl.reference import apply_update_, step_single_tensor
+from .lowbit import load_momentum, store_momentum_
 
 __all__ = [
     "UnsupportedShardingError",
@@ -192,7 +193,7 @@ def state_placements(param: Tensor) -> dict[str, tuple]:
         out[layout.mesh_dim] = placement
         return tuple(out)
 
-    out = {"exp_avg": base}
+    out = {"exp_avg": base, "exp_avg_absmax": base}  # int8 scales: (dim 0, blocks per slice)
     if not is_factored(param.shape):
         out["exp_avg_sq"] = base
         return out
@@ -225,24 +226,55 @@ def _wrap(local: Tensor, mesh: Any, placements: tuple, shape: torch.Size) -> Ten
                               stride=_contiguous_stride(shape))
 
 
-def init_state_dtensor(param: Tensor, momentum_dtype: Any = "float32") -> dict[str, Tensor]:
+def init_state_dtensor(param: Tensor, momentum_dtype: Any = "float32", block_size: int = 256,
+                       quantized: bool = False) -> dict[str, Tensor]:
     """A zero CAME state for a DTensor parameter, each statistic a DTensor laid out for DCP.
 
     Local shards have exactly the shapes the distributed step works on, so the state saves
     with ``torch.distributed.checkpoint`` on N ranks and loads on M. ``step`` stays a plain
-    float32 0-d CPU tensor (the same on every rank). No communication. ``momentum_dtype``
-    may be float32 or bfloat16 (m laid out like the parameter either way).
+    float32 0-d CPU tensor (the same on every rank). No communication.
+
+    m (``exp_avg``) is laid out like the parameter, in float32, bf16 or, when ``quantized``
+    (decided on the global tensor), int8 codes. int8 needs every rank to hold whole blocks of
+    the flattened tensor, so that its quantization is the single process's: the parameter
+    must be sharded on dim 0 (or replicated) and the size of a dim-0 slice a multiple of
+    ``block_size``. Its scales ``exp_avg_absmax`` are then a ``(size(0), slice // block)``
+    DTensor sharded like the parameter (the single process's 1-D scales, viewed 2-D).
     """
     from .functional import init_state
 
     check_param(param)
-    local_state = init_state(param.to_local(), momentum_dtype=momentum_dtype)
+    if quantized:
+        _check_quantizable(param, block_size)
+    local = param.to_local()
+    local_state = init_state(local, momentum_dtype=momentum_dtype, block_size=block_size,
+                             min_quantized_numel=0 if quantized else local.numel() + 1)
     global_shapes = {k: v.shape for k, v in init_state(_meta_like(param)).items()}
     placements = state_placements(param)
     out: dict[str, Tensor] = {"step": local_state.pop("step")}
-    for key, local in local_state.items():
-        out[key] = _wrap(local, param.device_mesh, placements[key], global_shapes[key])
+    if quantized:
+        per_slice = param[0].numel() // block_size if param.shape[0] else 0
+        global_shapes["exp_avg_absmax"] = torch.Size((param.shape[0], per_slice))
+        local_state["exp_avg_absmax"] = local_state["exp_avg_absmax"].view(
+            local.shape[0], per_slice)
+    for key, value in local_state.items():
+        out[key] = _wrap(value, param.device_mesh, placements[key], global_shapes[key])
     return out
+
+
+def _check_quantizable(param: Tensor, block_size: int) -> None:
+    """int8 momentum of a DTensor: whole quantization blocks on every rank, or an error."""
+    layout = _layout(param)
+    slice_numel = param[0].numel() if param.dim() and param.shape[0] else 0
+    if layout.tensor_dim not in (None, 0) or slice_numel % block_size:
+        raise NotImplementedError(
+            f"momentum_dtype='int8' on a DTensor parameter of shape {tuple(param.shape)} "
+            f"placed {tuple(param.placements)}: int8 under FSDP2 needs Shard(0) (fully_shard's "
+            f"default) and dim-0 slices whose size ({slice_numel}) is a multiple of "
+            f"quantization_block_size ({block_size}), so that each rank holds whole blocks. "
+            "Use a block size that divides it, a larger min_quantized_numel to keep this "
+            "tensor in float32, or momentum_dtype=torch.bfloat16"
+        )
 
 
 def _meta_like(param: Tensor) -> Tensor:
@@ -280,6 +312,8 @@ def to_param_layout(param: Tensor, key: str, value: Tensor,
         local = value.to_local().to(device=device, dtype=dtype)
         return _wrap(local.clone() if local is value.to_local() else local, mesh, placements,
                      value.shape)
+    if key == "exp_avg_absmax" and value.dim() == 1 and param.dim() and param.shape[0]:
+        value = value.view(param.shape[0], -1)  # single-process scales, per dim-0 slice
     local = value
     for mesh_dim, placement in enumerate(placements):
         if placement.is_shard():
@@ -335,8 +369,9 @@ class _ParamStep:
         if self.momentum is not None:
             return self.momentum
         exp_avg = self.state["exp_avg"]
-        if exp_avg.dtype != self.grad.dtype:  # bf16 storage: compute on this step's float32
-            self.momentum = exp_avg.to(self.grad.dtype)
+        if exp_avg.dtype != self.grad.dtype:  # bf16/int8 storage: this step's float32 copy
+            assert self.args is not None
+            self.momentum = load_momentum(self.state, self.grad.dtype, self.args.block_size)
             return self.momentum
         return exp_avg
 
@@ -445,7 +480,7 @@ class _ParamStep:
         apply_update_(self.param, self.update, args.lr, args.weight_decay,
                       args.stochastic_rounding)
         if self.momentum is not None:  # round the float32 m of this step into its storage
-            st["exp_avg"].copy_(self.momentum)
+            store_momentum_(st, self.momentum, args.block_size)
             self.momentum = None
         self.update = None
         self.partials = []

@@ -52,20 +52,22 @@ def init_state(
 
     ``momentum_dtype`` (``torch.float32``, ``torch.bfloat16`` or ``"int8"``) sets how ``m`` is
     stored; int8 momentum is ``exp_avg`` (int8 codes) plus ``exp_avg_absmax`` (one float32
-    scale per ``block_size`` elements), and applies only to tensors of at least
-    ``min_quantized_numel`` elements (smaller ones keep the compute dtype). ``factor_dims``/
-    ``factor_min_dim`` choose the factored dims (:func:`torchcame._factored.factored_dims`).
+    scale per ``block_size`` elements of the flattened tensor), and applies to tensors of at
+    least two dims and ``min_quantized_numel`` elements (vectors and smaller tensors keep the
+    compute dtype). ``factor_dims``/``factor_min_dim`` choose the factored dims
+    (:func:`torchcame._factored.factored_dims`).
     """
     mode = normalize_momentum_dtype(momentum_dtype)
     if _has_dtensor([param]):
-        if mode == "int8" or factor_dims != "last_two":
+        if factor_dims != "last_two":
             raise NotImplementedError(
-                "momentum_dtype='int8' and factor_dims other than 'last_two' are not supported "
-                "for DTensor (FSDP2) parameters yet; momentum_dtype=torch.bfloat16 is"
+                "factor_dims other than 'last_two' is not supported for DTensor (FSDP2) "
+                "parameters yet"
             )
         from .distributed import init_state_dtensor
 
-        return init_state_dtensor(param, momentum_dtype=mode)
+        return init_state_dtensor(param, momentum_dtype=mode, block_size=block_size,
+                                  quantized=is_quantized(param, mode, min_quantized_numel))
     dtype = compute_dtype(param.dtype)
     shape = param.shape
 
@@ -73,7 +75,7 @@ def init_state(
         return torch.zeros(s, dtype=dtype, device=param.device)
 
     state: dict[str, Tensor] = {"step": torch.tensor(0.0, dtype=torch.float32)}
-    if mode == "int8" and param.numel() >= min_quantized_numel:
+    if is_quantized(param, mode, min_quantized_numel):
         state["exp_avg"] = zeros(shape, torch.int8)
         state["exp_avg_absmax"] = zeros((n_blocks(param.numel(), block_size),), torch.float32)
     elif mode == "bfloat16":
@@ -90,6 +92,13 @@ def init_state(
     else:
         state["exp_avg_sq"] = zeros(shape)
     return state
+
+
+def is_quantized(param: Tensor, momentum_dtype: str, min_quantized_numel: int) -> bool:
+    """Whether ``param``'s momentum is stored in int8: ``momentum_dtype="int8"``, at least two
+    dims (vectors stay in the compute dtype) and at least ``min_quantized_numel`` elements."""
+    return (momentum_dtype == "int8" and param.dim() >= 2
+            and param.numel() >= min_quantized_numel)
 
 
 def _resolve_impl(params: Sequence[Tensor], foreach: bool | None, fused: bool | None) -> str:

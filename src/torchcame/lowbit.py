@@ -89,7 +89,7 @@ def quantize_blockwise(x: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
 def dequantize_blockwise(codes: Tensor, absmax: Tensor, block_size: int) -> Tensor:
     """Inverse of :func:`quantize_blockwise`: a float32 tensor of ``codes``' shape."""
     blocks = _blocks(codes, block_size).float()
-    values = blocks.mul_((absmax / _QMAX).unsqueeze(1))
+    values = blocks.mul_((absmax.reshape(-1) / _QMAX).unsqueeze(1))
     return values.reshape(-1)[: codes.numel()].view(codes.shape)
 
 
@@ -115,7 +115,7 @@ def store_momentum_(state: dict, momentum: Tensor, block_size: int) -> None:
     if exp_avg.dtype == torch.int8:
         codes, absmax = quantize_blockwise(momentum, block_size)
         exp_avg.copy_(codes)
-        state["exp_avg_absmax"].copy_(absmax)
+        state["exp_avg_absmax"].copy_(absmax.view(state["exp_avg_absmax"].shape))
     else:
         exp_avg.copy_(momentum)
 
