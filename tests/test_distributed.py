@@ -409,6 +409,22 @@ def _scenario_int8_momentum(rank, world, out: Path) -> None:
         set_model_state_dict(model2, sd["model"])
         set_optimizer_state_dict(model2, optim2, sd["optim"])
         snap["loaded_from_w2"] = snapshot(model2, optim2)
+    # a single-process int8 checkpoint (1-D scales) loads into FSDP2 int8 unchanged
+    single = make_net()
+    single_optim = CAME(int8_groups(single), **HYPER)
+    for step in range(EARLY_STEPS):
+        loss_fn(single, *batch(step)).backward()
+        single_optim.step()
+        single_optim.zero_grad()
+    model3 = _fsdp_model(seed=3)
+    optim3 = CAME(int8_groups(model3), **HYPER)
+    optim3.load_state_dict(single_optim.state_dict())
+    loaded = snapshot(model3, optim3)["state"]
+    single_state = snapshot(single, single_optim)["state"]
+    snap["single_loaded_equal"] = sorted(
+        k for k, v in single_state.items()
+        if torch.equal(loaded[k].reshape(-1), v.reshape(-1)) and loaded[k].dtype == v.dtype)
+    snap["single_keys"] = sorted(single_state)
     bad = _fsdp_model()
     groups = int8_groups(bad)
     groups[0]["quantization_block_size"] = 5  # 12 and 18 are not multiples of 5
@@ -777,6 +793,7 @@ def test_fsdp2_int8_momentum_equals_single_process(runs, world):
         for key, value in w2["params"].items():
             assert torch.equal(loaded["params"][key], value), key
     assert "Shard(0)" in got["unaligned_error"] and "(12)" in got["unaligned_error"]
+    assert got["single_loaded_equal"] == got["single_keys"]
 
 
 @pytest.mark.parametrize("world", [2, 3])

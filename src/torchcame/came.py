@@ -506,6 +506,9 @@ def _convert_momentum(
                 f"int8 momentum of parameter {pid!r} has no matching 'exp_avg_absmax' for "
                 f"block size {saved_block}"
             )
+        if want_int8 and saved_block == block:  # the same encoding: kept bit for bit
+            entry["exp_avg_absmax"] = absmax.float().reshape(-1)
+            return entry
         momentum = dequantize_blockwise(exp_avg, absmax.float(), saved_block)
     else:
         momentum = exp_avg.float()
