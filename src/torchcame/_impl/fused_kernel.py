@@ -203,21 +203,16 @@ inline void param_row(param_t* __restrict p, const acc_t* __restrict ea,
   }
 }
 
+// Passes 1 and 2 of a factored (B, n, m) tensor, shared by both kernels: r, c and their
+// factors rf, cf (row_sum/col_sum are scratch for later passes); returns the clip divisor.
 template <typename param_t, typename acc_t>
-void factored_one(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
-                  at::Tensor& row, at::Tensor& col, at::Tensor& res_row, at::Tensor& res_col,
-                  const Hyper& h) {
-  const int64_t m = param.size(-1), n = param.size(-2);
-  const int64_t B = param.numel() / (n * m), N = B * n;
-  param_t* p = param.data_ptr<param_t>();
-  const param_t* g = grad.data_ptr<param_t>();
-  acc_t* ea = exp_avg.data_ptr<acc_t>();
-  const acc_t eps1 = acc_t(h.eps1), eps2 = acc_t(h.eps2);
-  const acc_t sign = h.maximize ? acc_t(-1) : acc_t(1);
-  std::vector<double> row_sum(N), col_sum;
-  std::vector<acc_t> rf, cf, Rf, Cf;
+acc_t factored_second_moment(const param_t* g, int64_t B, int64_t n, int64_t m,
+                             at::Tensor& row, at::Tensor& col, const Hyper& h,
+                             std::vector<double>& row_sum, std::vector<double>& col_sum,
+                             std::vector<acc_t>& rf, std::vector<acc_t>& cf) {
+  const int64_t N = B * n;
+  const acc_t eps1 = acc_t(h.eps1);
   const int64_t grain = std::max<int64_t>(1, kGrainElems / m);
-
   // pass 1: G = g^2 + eps1 -> r, c
   row_col_sums<acc_t>(B, n, m, row_sum, col_sum, [=](int64_t k, acc_t* __restrict blk) {
     return sq_row<param_t, acc_t>(g + k * m, blk, m, eps1);
@@ -240,7 +235,54 @@ void factored_one(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg
   double sumsq = 0;
   for (int t = 0; t < nthreads; ++t) sumsq += sq[t * 8];
   const acc_t rms = acc_t(std::sqrt(sumsq)) / acc_t(std::sqrt(double(N * m)));
-  const acc_t denom = std::max(rms / acc_t(h.clip), acc_t(1));
+  return std::max(rms / acc_t(h.clip), acc_t(1));
+}
+
+// Pass 1 of a vector, shared by both kernels: v = b2 v + (1 - b2) (g^2 + eps1), and the clip
+// divisor from sum u^2, u = g / sqrt(v).
+template <typename param_t, typename acc_t>
+acc_t full_second_moment(const param_t* g, acc_t* v, int64_t numel, const Hyper& h) {
+  const acc_t eps1 = acc_t(h.eps1), b2 = acc_t(h.beta2), a2 = acc_t(1.0 - h.beta2);
+  const acc_t sign = h.maximize ? acc_t(-1) : acc_t(1);
+  const bool nested = at::in_parallel_region();
+  const int nthreads = thread_slots(nested);
+  std::vector<double> sq(nthreads * 8, 0.0);
+  at::parallel_for(0, numel, kGrainElems, [&](int64_t begin, int64_t end) {
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t gv = sign * acc_t(g[i]);
+      const acc_t G = gv * gv + eps1;
+      const acc_t vv = v[i] * b2 + a2 * G;
+      v[i] = vv;
+      const acc_t u = (acc_t(1) / std::sqrt(vv)) * gv;
+      s += u * u;
+    }
+    sq[thread_slot(nested) * 8] += s;
+  });
+  double sumsq = 0;
+  for (int t = 0; t < nthreads; ++t) sumsq += sq[t * 8];
+  const acc_t rms = acc_t(std::sqrt(sumsq)) / acc_t(std::sqrt(double(numel)));
+  return std::max(rms / acc_t(h.clip), acc_t(1));
+}
+
+template <typename param_t, typename acc_t>
+void factored_one(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
+                  at::Tensor& row, at::Tensor& col, at::Tensor& res_row, at::Tensor& res_col,
+                  const Hyper& h) {
+  const int64_t m = param.size(-1), n = param.size(-2);
+  const int64_t B = param.numel() / (n * m), N = B * n;
+  param_t* p = param.data_ptr<param_t>();
+  const param_t* g = grad.data_ptr<param_t>();
+  acc_t* ea = exp_avg.data_ptr<acc_t>();
+  const acc_t eps2 = acc_t(h.eps2);
+  const acc_t sign = h.maximize ? acc_t(-1) : acc_t(1);
+  std::vector<double> row_sum(N), col_sum;
+  std::vector<acc_t> rf, cf, Rf, Cf;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / m);
+
+  const acc_t denom = factored_second_moment<param_t, acc_t>(g, B, n, m, row, col, h, row_sum,
+                                                            col_sum, rf, cf);
 
   // pass 3: u_hat, m, U = (u_hat - m)^2 + eps2 -> R, C
   const acc_t b1 = acc_t(h.beta1), a1 = acc_t(1.0 - h.beta1);
@@ -281,28 +323,8 @@ void full_one(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
   const param_t* g = grad.data_ptr<param_t>();
   acc_t* ea = exp_avg.data_ptr<acc_t>();
   acc_t* v = exp_avg_sq.data_ptr<acc_t>();
-  const acc_t eps1 = acc_t(h.eps1), b2 = acc_t(h.beta2), a2 = acc_t(1.0 - h.beta2);
   const acc_t sign = h.maximize ? acc_t(-1) : acc_t(1);
-  const bool nested = at::in_parallel_region();
-  const int nthreads = thread_slots(nested);
-  std::vector<double> sq(nthreads * 8, 0.0);
-  at::parallel_for(0, numel, kGrainElems, [&](int64_t begin, int64_t end) {
-    acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = begin; i < end; ++i) {
-      const acc_t gv = sign * acc_t(g[i]);
-      const acc_t G = gv * gv + eps1;
-      const acc_t vv = v[i] * b2 + a2 * G;
-      v[i] = vv;
-      const acc_t u = (acc_t(1) / std::sqrt(vv)) * gv;
-      s += u * u;
-    }
-    sq[thread_slot(nested) * 8] += s;
-  });
-  double sumsq = 0;
-  for (int t = 0; t < nthreads; ++t) sumsq += sq[t * 8];
-  const acc_t rms = acc_t(std::sqrt(sumsq)) / acc_t(std::sqrt(double(numel)));
-  const acc_t denom = std::max(rms / acc_t(h.clip), acc_t(1));
+  const acc_t denom = full_second_moment<param_t, acc_t>(g, v, numel, h);
   const acc_t b1 = acc_t(h.beta1), a1 = acc_t(1.0 - h.beta1);
   const acc_t lr = acc_t(h.lr);
   const acc_t decay = decay_factor<param_t, acc_t>(h);
@@ -518,35 +540,13 @@ void factored_lowmem_one(at::Tensor& param, const at::Tensor& grad, const Moment
   const int64_t B = param.numel() / (n * m), N = B * n;
   param_t* p = param.data_ptr<param_t>();
   const param_t* g = grad.data_ptr<param_t>();
-  const float eps1 = float(h.eps1), eps2 = float(h.eps2);
+  const float eps2 = float(h.eps2);
   const float sign = h.maximize ? -1.0f : 1.0f;
   std::vector<double> row_sum(N), col_sum;
   std::vector<float> rf, cf, Rf, Cf;
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / m);
 
-  // pass 1: G = g^2 + eps1 -> r, c (as the float32 kernel)
-  row_col_sums<float>(B, n, m, row_sum, col_sum, [=](int64_t k, float* __restrict blk) {
-    return sq_row<param_t, float>(g + k * m, blk, m, eps1);
-  });
-  ema_means<float>(row.data_ptr<float>(), row_sum, double(m), h.beta2);
-  ema_means<float>(col.data_ptr<float>(), col_sum, double(n), h.beta2);
-  factors<float>(row.data_ptr<float>(), col.data_ptr<float>(), B, n, m, rf, cf);
-
-  // pass 2: sum u^2 -> the clip divisor
-  const bool nested = at::in_parallel_region();
-  const int nthreads = thread_slots(nested);
-  std::vector<double> sq(nthreads * 8, 0.0);
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    double acc = 0;
-    for (int64_t k = begin; k < end; ++k) {
-      acc += update_sq_row<param_t, float>(g + k * m, cf.data() + (k / n) * m, rf[k], m);
-    }
-    sq[thread_slot(nested) * 8] += acc;
-  });
-  double sumsq = 0;
-  for (int t = 0; t < nthreads; ++t) sumsq += sq[t * 8];
-  const float rms = float(std::sqrt(sumsq)) / float(std::sqrt(double(N * m)));
-  const float denom = std::max(rms / float(h.clip), 1.0f);
+  const float denom = factored_second_moment<param_t, float>(g, B, n, m, row, col, h, row_sum,
+                                                            col_sum, rf, cf);
   const bool clip = denom != 1.0f;
 
   // pass 3: decode the old m a row at a time -> the instability sums R, C
@@ -636,28 +636,8 @@ void full_lowmem_one(at::Tensor& param, const at::Tensor& grad, const Momentum& 
   param_t* p = param.data_ptr<param_t>();
   const param_t* g = grad.data_ptr<param_t>();
   float* v = exp_avg_sq.data_ptr<float>();
-  const float eps1 = float(h.eps1), b2 = float(h.beta2), a2 = float(1.0 - h.beta2);
   const float sign = h.maximize ? -1.0f : 1.0f;
-  const bool nested = at::in_parallel_region();
-  const int nthreads = thread_slots(nested);
-  std::vector<double> sq(nthreads * 8, 0.0);
-  at::parallel_for(0, numel, kGrainElems, [&](int64_t begin, int64_t end) {
-    float s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = begin; i < end; ++i) {
-      const float gv = sign * float(g[i]);
-      const float G = gv * gv + eps1;
-      const float vv = v[i] * b2 + a2 * G;
-      v[i] = vv;
-      const float u = (1.0f / std::sqrt(vv)) * gv;
-      s += u * u;
-    }
-    sq[thread_slot(nested) * 8] += s;
-  });
-  double sumsq = 0;
-  for (int t = 0; t < nthreads; ++t) sumsq += sq[t * 8];
-  const float rms = float(std::sqrt(sumsq)) / float(std::sqrt(double(numel)));
-  const float denom = std::max(rms / float(h.clip), 1.0f);
+  const float denom = full_second_moment<param_t, float>(g, v, numel, h);
   const float b1 = float(h.beta1), a1 = float(1.0 - h.beta1);
   const float lr = float(h.lr);
   const float decay = lowmem_decay_factor<param_t>(h, sr);
