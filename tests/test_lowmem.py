@@ -360,3 +360,23 @@ def test_fused_lowmem_step_allocates_no_full_size_copies(impl, bounded):
         assert tracker.peak_bytes < 0.01 * p.numel()
     else:
         assert tracker.peak_bytes >= 4 * p.numel()
+
+
+@pytest.mark.parametrize("impl", [dict(foreach=True), dict(fused=True)])
+def test_stochastic_rounding_keeps_extremes(impl):
+    """Just above the largest bf16 (less than half a spacing), stochastic rounding stays at
+    the largest bf16 instead of picking inf (an unguarded bit trick would, ~40% of the time
+    here); inf and NaN weights stay what they are."""
+    big = torch.finfo(torch.bfloat16).max
+    p = torch.full((64, 64), big, dtype=torch.bfloat16)
+    p[0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -big])
+    p.requires_grad_()
+    # the first update is ~11 lr (the zero-started instability EMA): ~0.4 spacing at the top
+    opt = CAME([p], lr=5e34, stochastic_rounding=True, **impl)
+    p.grad = -torch.ones_like(p)  # pushes every finite weight up
+    opt.step()
+    rest = p.detach().float()[1:]
+    assert (rest == big).all()
+    head = p.detach().float()[0, :4]
+    assert head[0] == float("inf") and head[1] == float("-inf") and torch.isnan(head[2])
+    assert torch.isfinite(head[3])

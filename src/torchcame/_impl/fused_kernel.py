@@ -468,12 +468,19 @@ inline T stochastic_round(float x, uint32_t bits) {
 
 // bf16 is the top half of a float32: adding 16 uniform random bits to the bottom half and
 // truncating rounds the magnitude up with probability (distance to the lower neighbour) /
-// (spacing) -- the same rule, without branches. Inf and NaN are kept.
+// (spacing) -- the same rule, without branches. Inf stays inf, NaN stays NaN (quiet). Above
+// the largest bf16, as in torchcame.lowbit.stochastic_round_ (which never picks an infinite
+// neighbour), the result is the round-to-nearest one: the largest bf16, or inf past half a
+// spacing beyond it.
 inline uint16_t stochastic_round_bf16_bits(float x, uint32_t bits) {
   uint32_t b;
   std::memcpy(&b, &x, sizeof(b));
   const bool special = (b & 0x7f800000U) == 0x7f800000U;
-  return uint16_t((special ? b : b + (bits & 0xFFFFU)) >> 16);
+  const uint32_t up = b + (bits & 0xFFFFU);
+  const bool overflow = (up & 0x7f800000U) == 0x7f800000U;
+  const uint32_t nearest = b + 0x7FFFU + ((b >> 16) & 1U);  // round half to even
+  const uint32_t quiet = (b & 0x007fffffU) ? 0x00400000U : 0U;
+  return uint16_t((special ? (b | quiet) : (overflow ? nearest : up)) >> 16);
 }
 
 // p[0 .. len) = v[0 .. len) in param_t: rounded to nearest, or stochastically (element
