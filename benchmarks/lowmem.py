@@ -10,6 +10,8 @@ Parts (``--parts``, default all):
   in between), beside a floor no optimizer can beat (bf16 weights, gradients freed as they
   arrive, no update). The fused kernel's C++ scratch memory (not tensors) is added as its
   bound, ``torchcame._impl.fused.kernel_workspace_bytes``.
+* ``peak-wide``: the same at batch 1 on a model whose weights, gradients and state dominate
+  (the demo's GPT-2 widened to 4 layers of d=512, 12.7M parameters).
 * ``error``: block-wise int8 error of the momentum of a float32 CAME run of the demo model,
   for several block sizes (bitsandbytes-style: relative L2 error, and max error against the
   absmax/254 bound).
@@ -123,12 +125,20 @@ TARGET_CONFIG = "CAME bf16 weights + int8 + SR + step-in-backward, fused"
 FLOOR_CONFIG = "floor: bf16 weights, no optimizer state, grads freed"
 
 
-def _demo_model(bf16: bool, seed: int = 0):
+#: A model whose weights, gradients and optimizer state dominate a batch-1 step: the demo's
+#: GPT-2 widened to d=512 and 4 layers (12.7M parameters, byte vocabulary, 64-token context).
+WIDE_MODEL = {"n_layer": 4, "d_model": 512, "n_head": 8}
+
+
+def _demo_model(bf16: bool, seed: int = 0, wide: bool = False):
     from torchcame.recipes.demo import DEMO_DEFAULTS
-    from torchcame.recipes.train import build_model
+    from torchcame.recipes.train import LMConfig, build_model
 
     torch.manual_seed(seed)
-    model = build_model(DEMO_DEFAULTS)
+    cfg = DEMO_DEFAULTS
+    if wide:
+        cfg = LMConfig(**{**DEMO_DEFAULTS.as_dict(), **WIDE_MODEL})
+    model = build_model(cfg)
     return model.to(torch.bfloat16) if bf16 else model
 
 
@@ -155,7 +165,7 @@ def _kernel_workspace(opt, cfg: dict) -> int:
     return sizes[0] if cfg.get("sib") else sum(sizes[: torch.get_num_threads()])
 
 
-def part_peak(batch_size: int) -> dict:
+def part_peak(batch_size: int, wide: bool = False) -> dict:
     from tqdm.auto import tqdm
 
     from torchcame.recipes.demo import DEMO_DEFAULTS
@@ -164,8 +174,10 @@ def part_peak(batch_size: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 256, (batch_size, seq), generator=gen) for _ in range(4)]
     rows = []
-    for name, cfg in tqdm(PEAK_CONFIGS.items(), desc=f"peak memory, batch {batch_size}"):
-        model = _demo_model(cfg.get("bf16", False))
+    configs = {k: v for k, v in PEAK_CONFIGS.items() if not wide or k in WIDE_CONFIGS}
+    label = "wide model" if wide else "demo model"
+    for name, cfg in tqdm(configs.items(), desc=f"peak memory, {label}, batch {batch_size}"):
+        model = _demo_model(cfg.get("bf16", False), wide=wide)
         handles = []
         if cfg["opt"] == "adamw":
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -205,7 +217,12 @@ def part_peak(batch_size: int) -> dict:
     base = rows[0]["peak_bytes"]
     for row in rows:
         row["ratio_to_adamw_fp32"] = row["peak_bytes"] / base
-    return {"batch_size": batch_size, "seq_len": seq, "rows": rows}
+    params = sum(p.numel() for p in _demo_model(False, wide=wide).parameters())
+    return {"batch_size": batch_size, "seq_len": seq, "rows": rows,
+            "model": f"GPT-2 {'4x512' if wide else '2x128'}, {params / 1e6:.2f}M params"}
+
+
+WIDE_CONFIGS = ("AdamW fp32", "CAME fp32", "CAME int8 momentum", TARGET_CONFIG, FLOOR_CONFIG)
 
 
 def plot_peak(results: list[dict], path: Path) -> None:
@@ -416,9 +433,9 @@ def markdown(results: dict) -> str:
         lines += [f"| {x['optimizer']} | {x['state_bytes'] / MB:.1f} | {x['bytes_per_param']:.3f} "
                   f"| {x['ratio_to_adamw']:.3f} |" for x in r["rows"]]
         lines.append("")
-    for r in results.get("peak", []):
-        lines += [f"## Peak training-step memory, demo model (batch {r['batch_size']}×"
-                  f"{r['seq_len']})", ""]
+    for r in results.get("peak", []) + results.get("peak_wide", []):
+        lines += [f"## Peak training-step memory, {r.get('model', 'demo model')} (batch "
+                  f"{r['batch_size']}×{r['seq_len']})", ""]
         lines += command(r) + ["| configuration | peak MB | params MB | state MB | "
                                "kernel scratch KB | × AdamW fp32 |", "|---|---|---|---|---|---|"]
         lines += [f"| {x['config']} | {x['peak_bytes'] / MB:.2f} | {x['params_bytes'] / MB:.2f} | "
@@ -458,9 +475,8 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", nargs="+",
-                        default=["state", "peak", "error", "quality", "speed"],
-                        choices=["state", "peak", "error", "quality", "speed"])
+    parts = ["state", "peak", "peak-wide", "error", "quality", "speed"]
+    parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--speed-rounds", type=int, default=7)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16],
                         help="peak: batch sizes (16 is the demo's)")
@@ -485,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     if "peak" in args.parts:
         results["peak"] = [{**part_peak(b), "command": cmd} for b in args.batch_sizes]
         plot_peak(results["peak"], args.out / "peak_vs_batch.png")
+    if "peak-wide" in args.parts:
+        results["peak_wide"] = [{**part_peak(1, wide=True), "command": cmd}]
     if "error" in args.parts:
         results["error"] = {**part_error(args.error_steps, args.block_sizes), "command": cmd}
         plot_error(results["error"], args.out / "int8_error.png")
