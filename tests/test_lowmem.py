@@ -380,3 +380,14 @@ def test_stochastic_rounding_keeps_extremes(impl):
     head = p.detach().float()[0, :4]
     assert head[0] == float("inf") and head[1] == float("-inf") and torch.isnan(head[2])
     assert torch.isfinite(head[3])
+
+
+@pytest.mark.parametrize("impl", [dict(foreach=False), dict(foreach=True), dict(fused=True)])
+def test_lowmem_empty_tensors_count_steps(impl):
+    params = [torch.zeros(0, 5, requires_grad=True), torch.zeros(70, 70, requires_grad=True)]
+    opt = CAME(params, lr=1e-3, momentum_dtype="int8", **impl)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert [float(opt.state[p]["step"]) for p in params] == [2.0, 2.0]

@@ -168,8 +168,8 @@ def step_fused_lowmem(params: list[Tensor], grads: list[Tensor], states: list[di
     kernel = load_kernel()
     if kernel is None or not hasattr(kernel, "factored_step_lowmem"):
         return list(range(len(params)))
+    torch._foreach_add_([states[i]["step"] for i in eligible], 1.0)  # empty tensors too
     eligible = [i for i in eligible if params[i].numel() > 0]
-    torch._foreach_add_([states[i]["step"] for i in eligible], 1.0)
     lr = _lr_tensor(args.lr)
     hyper = (isinstance(args.lr, Tensor), float(args.weight_decay), list(args.betas),
              list(args.eps), float(args.clip_threshold), bool(args.maximize))
