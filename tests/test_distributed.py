@@ -433,6 +433,11 @@ def _scenario_int8_momentum(rank, world, out: Path) -> None:
         snap["unaligned_error"] = None
     except NotImplementedError as err:
         snap["unaligned_error"] = str(err)
+    try:  # loading a checkpoint into such a layout is refused the same way
+        CAME(groups, **HYPER).load_state_dict(single_optim.state_dict())
+        snap["unaligned_load_error"] = None
+    except NotImplementedError as err:
+        snap["unaligned_load_error"] = str(err)
     if rank == 0:
         torch.save(snap, out / f"int8_momentum_w{world}.pt")
 
@@ -793,6 +798,7 @@ def test_fsdp2_int8_momentum_equals_single_process(runs, world):
         for key, value in w2["params"].items():
             assert torch.equal(loaded["params"][key], value), key
     assert "Shard(0)" in got["unaligned_error"] and "(12)" in got["unaligned_error"]
+    assert "Shard(0)" in got["unaligned_load_error"]
     assert got["single_loaded_equal"] == got["single_keys"]
 
 

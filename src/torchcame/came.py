@@ -447,6 +447,9 @@ def _convert_param_state(
         entry = _convert_momentum(entry, expected, saved_group["quantization_block_size"],
                                   group["quantization_block_size"], pid)
     if is_dtensor and "exp_avg_absmax" in expected:  # DTensor int8 scales: per dim-0 slice
+        from .distributed import _check_quantizable
+
+        _check_quantizable(param, group["quantization_block_size"])  # before any change
         rows = param.shape[0]
         per_slice = expected["exp_avg_absmax"].numel() // rows if rows else 0
         slices = expected["exp_avg_absmax"].new_empty((rows, per_slice))
