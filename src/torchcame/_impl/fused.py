@@ -156,7 +156,6 @@ def step_fused_lowmem(params: list[Tensor], grads: list[Tensor], states: list[di
         tensors = [param, grads[i], *(state[k] for k in keys)]
         if (param.device.type == "cpu" and param.dtype in _LOWMEM_DTYPES
                 and grads[i].dtype == param.dtype
-                and compute_dtype(param.dtype) == torch.float32
                 and all(t.is_contiguous() for t in tensors)):
             eligible.append(i)
         else:
