@@ -117,21 +117,27 @@ def snapshot(model: nn.Module, optim) -> dict:
 # ----------------------------------------------------------------------- reference (single)
 
 
-@functools.lru_cache(maxsize=4)
-def reference_run(steps: int, bias_correction: bool = False, momentum_dtype=None) -> dict:
+def train_single(steps: int, groups=None, **options):
+    """One process, the whole global batch: ``(model, optimizer)`` after ``steps`` steps."""
     from torchcame import CAME
 
+    model = make_net()
+    optim = CAME((groups or param_groups)(model), **HYPER, **options)
+    for step in range(steps):
+        loss_fn(model, *batch(step)).backward()
+        optim.step()
+        optim.zero_grad()
+    return model, optim
+
+
+@functools.lru_cache(maxsize=4)
+def reference_run(steps: int, bias_correction: bool = False, momentum_dtype=None,
+                  groups=None) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers: the same summation order on any machine
     try:
-        model = make_net()
         extra = {} if momentum_dtype is None else {"momentum_dtype": momentum_dtype}
-        optim = CAME(param_groups(model), **HYPER, bias_correction=bias_correction, **extra)
-        for step in range(steps):
-            idx, target = batch(step)
-            loss_fn(model, idx, target).backward()
-            optim.step()
-            optim.zero_grad()
+        model, optim = train_single(steps, groups, bias_correction=bias_correction, **extra)
         return snapshot(model, optim)
     finally:
         torch.set_num_threads(threads)
@@ -201,10 +207,8 @@ def _count_all_reduces(fn) -> tuple[int, int]:
 
 
 def _scenario_fsdp(rank, world, out: Path, save_ckpt: bool) -> None:
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
-        get_model_state_dict,
         get_optimizer_state_dict,
     )
 
@@ -225,8 +229,7 @@ def _scenario_fsdp(rank, world, out: Path, save_ckpt: bool) -> None:
         model, optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
     if save_ckpt:
-        sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optim)}
-        dcp.save(sd, checkpoint_id=str(out / "ckpt"))
+        dcp_save(model, optim, out / "ckpt")
     if rank == 0:
         snap["all_reduces"] = counts
         snap["full_osd_state"] = {
@@ -297,8 +300,21 @@ def _scenario_bias_correction(rank, world, out: Path) -> None:
         torch.save(snap, out / f"bias_correction_w{world}.pt")
 
 
-def _scenario_bf16_momentum(rank, world, out: Path) -> None:
-    """bf16 momentum under FSDP2, then a DCP save and a load into a fresh model/optimizer."""
+def dcp_save(model, optim, path: Path) -> None:
+    """Save model and optimizer with torch.distributed.checkpoint (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    state_dict = {"model": get_model_state_dict(model),
+                  "optim": get_optimizer_state_dict(model, optim)}
+    dcp.save(state_dict, checkpoint_id=str(path))
+
+
+def dcp_load(model, optim, path: Path) -> None:
+    """Load a :func:`dcp_save` checkpoint into ``model`` and ``optim`` (collective)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -307,6 +323,14 @@ def _scenario_bf16_momentum(rank, world, out: Path) -> None:
         set_optimizer_state_dict,
     )
 
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optim)}
+    dcp.load(sd, checkpoint_id=str(path))
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, optim, sd["optim"])
+
+
+def _scenario_bf16_momentum(rank, world, out: Path) -> None:
+    """bf16 momentum under FSDP2, then a DCP save and a load into a fresh model/optimizer."""
     from torchcame import CAME
 
     model = _fsdp_model()
@@ -319,15 +343,10 @@ def _scenario_bf16_momentum(rank, world, out: Path) -> None:
     layouts = {type(st["exp_avg"]).__name__ + ":" + str(st["exp_avg"].dtype)
                for st in optim.state.values()}
     ckpt = out / "ckpt_bf16"
-    state_dict = {"model": get_model_state_dict(model),
-                  "optim": get_optimizer_state_dict(model, optim)}
-    dcp.save(state_dict, checkpoint_id=str(ckpt))
+    dcp_save(model, optim, ckpt)
     model2 = _fsdp_model(seed=5)
     optim2 = CAME(param_groups(model2), **HYPER, momentum_dtype=torch.bfloat16)
-    sd = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, optim2)}
-    dcp.load(sd, checkpoint_id=str(ckpt))
-    set_model_state_dict(model2, sd["model"])
-    set_optimizer_state_dict(model2, optim2, sd["optim"])
+    dcp_load(model2, optim2, ckpt)
     loaded = snapshot(model2, optim2)
     if rank == 0:
         snap["layouts"] = sorted(layouts)
@@ -357,34 +376,12 @@ def int8_groups(model: nn.Module) -> list[dict]:
     ]
 
 
-@functools.lru_cache(maxsize=4)
 def reference_int8_run(steps: int) -> dict:
-    from torchcame import CAME
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = make_net()
-        optim = CAME(int8_groups(model), **HYPER)
-        for step in range(steps):
-            loss_fn(model, *batch(step)).backward()
-            optim.step()
-            optim.zero_grad()
-        return snapshot(model, optim)
-    finally:
-        torch.set_num_threads(threads)
+    return reference_run(steps, groups=int8_groups)
 
 
 def _scenario_int8_momentum(rank, world, out: Path) -> None:
     """int8 momentum under FSDP2; DCP save (2 ranks) and load on 3 ranks; unaligned blocks."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
     from torchcame import CAME
 
     model = _fsdp_model()
@@ -395,27 +392,16 @@ def _scenario_int8_momentum(rank, world, out: Path) -> None:
     snap = snapshot(model, optim)
     snap["early"] = early
     snap["dtypes"] = sorted({str(st["exp_avg"].dtype) for st in optim.state.values()})
-    state_dict = {"model": get_model_state_dict(model),
-                  "optim": get_optimizer_state_dict(model, optim)}
     saved = out.parent / "w2" / "ckpt_int8"
     if world == 2:
-        dcp.save(state_dict, checkpoint_id=str(saved))
+        dcp_save(model, optim, saved)
     elif saved.exists():  # resharded: 2 ranks -> this many
         model2 = _fsdp_model(seed=9)
         optim2 = CAME(int8_groups(model2), **HYPER)
-        sd = {"model": get_model_state_dict(model2),
-              "optim": get_optimizer_state_dict(model2, optim2)}
-        dcp.load(sd, checkpoint_id=str(saved))
-        set_model_state_dict(model2, sd["model"])
-        set_optimizer_state_dict(model2, optim2, sd["optim"])
+        dcp_load(model2, optim2, saved)
         snap["loaded_from_w2"] = snapshot(model2, optim2)
     # a single-process int8 checkpoint (1-D scales) loads into FSDP2 int8 unchanged
-    single = make_net()
-    single_optim = CAME(int8_groups(single), **HYPER)
-    for step in range(EARLY_STEPS):
-        loss_fn(single, *batch(step)).backward()
-        single_optim.step()
-        single_optim.zero_grad()
+    single, single_optim = train_single(EARLY_STEPS, int8_groups)
     model3 = _fsdp_model(seed=3)
     optim3 = CAME(int8_groups(model3), **HYPER)
     optim3.load_state_dict(single_optim.state_dict())
@@ -477,12 +463,7 @@ def _scenario_from_single(rank, world, out: Path) -> None:
 
     from torchcame import CAME
 
-    single = make_net()
-    single_optim = CAME(param_groups(single), **HYPER)
-    for step in range(STEPS):
-        loss_fn(single, *batch(step)).backward()
-        single_optim.step()
-        single_optim.zero_grad()
+    single, single_optim = train_single(STEPS)
     model = _fsdp_model(seed=123)
     optim = CAME(param_groups(model), **HYPER)
     set_model_state_dict(model, single.state_dict(),
