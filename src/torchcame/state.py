@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["StateLayout", "MOMENTUM_FORMATS"]
+__all__ = ["StateLayout", "MOMENTUM_FORMATS", "resolve_layout"]
 
 #: How the momentum ``m`` is stored between steps. ``"float32"`` means the compute dtype
 #: (float32, or float64 for float64 parameters); ``"bfloat16"`` rounds to nearest bf16;
@@ -50,3 +50,33 @@ class StateLayout:
     def moved(self, ndim: int) -> bool:
         """Whether the factored dims are not the last two (statistics refer to a movedim)."""
         return self.factored_dims is not None and self.factored_dims != (ndim - 2, ndim - 1)
+
+
+def resolve_layout(
+    param: torch.Tensor,
+    *,
+    momentum_dtype: str = "float32",
+    block_size: int = 256,
+    min_quantized_numel: int = 4096,
+    factor_dims: str = "last_two",
+    factor_min_dim: int = 1,
+) -> StateLayout:
+    """The layout of ``param``'s state under the given (validated) options.
+
+    int8 momentum applies to tensors of at least two dims and ``min_quantized_numel``
+    elements; vectors and smaller tensors keep the compute dtype. Factoring follows
+    :func:`torchcame._factored.factored_dims`.
+    """
+    from ._factored import factored_dims
+    from ._impl.common import compute_dtype
+
+    shape = tuple(param.shape)
+    momentum = momentum_dtype
+    if momentum == "int8" and (len(shape) < 2 or param.numel() < min_quantized_numel):
+        momentum = "float32"
+    return StateLayout(
+        momentum=momentum,
+        block_size=block_size,
+        factored_dims=factored_dims(shape, factor_dims, factor_min_dim),
+        compute_dtype=compute_dtype(param.dtype),
+    )
