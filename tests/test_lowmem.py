@@ -288,9 +288,9 @@ def test_step_in_backward_refuses_other_optimizers():
     dict(momentum_dtype="int8", stochastic_rounding=True),
 ])
 def test_lowmem_options_on_fast_paths_match_reference(impl, options, monkeypatch):
-    import torchcame.functional as F
+    from torchcame._impl import foreach
 
-    monkeypatch.setattr(F, "_CHUNK_NUMEL", 6000)  # several chunks
+    monkeypatch.setattr(foreach, "LOWBIT_CHUNK_ELEMENTS", 6000)  # several chunks
     dtype = torch.bfloat16 if options.get("stochastic_rounding") else torch.float32
     params = make_params(BIG + SMALL, dtype)
     ref = clone_params(params)
@@ -331,7 +331,7 @@ def test_fused_kernel_lowbit_matches_the_chunked_fused_path_bitwise(dtype, mode,
     ref = clone_params(params)
     opt = _run(params, 4, fused=True, momentum_dtype=mode,
                quantization_block_size=128)
-    monkeypatch.setattr(fused, "step_fused_lowmem", lambda p, g, s, a: list(range(len(p))))
+    monkeypatch.setattr(fused, "step_fused_lowmem", lambda p, g, s, a, layouts: list(range(len(p))))
     opt_ref = _run(ref, 4, fused=True, momentum_dtype=mode,
                quantization_block_size=128)
     for p, q in zip(params, ref):

@@ -1,11 +1,16 @@
-"""The CAME optimizer class: validation, param groups, state, dispatch."""
+"""The CAME optimizer class: param groups, state, validation at the boundary, dispatch.
+
+Options are defined in :mod:`torchcame.options`, the state layout in :mod:`torchcame.state`,
+the arithmetic in :mod:`torchcame._factored` and :mod:`torchcame._impl`; this class holds
+the param groups and their state, checks every input before anything changes, and calls
+:func:`torchcame.functional.step_group` once per group.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import math
-import numbers
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -13,117 +18,32 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._factored import FACTOR_POLICIES
-from .functional import came, init_state
-from .lowbit import dequantize_blockwise, normalize_momentum_dtype, quantize_blockwise
+from . import distributed
+from .functional import step_group
+from .options import (
+    DEFAULTS,
+    LAYOUT_OPTIONS,
+    OPTIONS,
+    options_doc,
+    step_args,
+    unknown_options,
+    validate_options,
+)
+from .state import (
+    StateLayout,
+    check_layout_unchanged,
+    convert_state,
+    init_state,
+    layout_of,
+    state_dtype,
+)
 
 __all__ = ["CAME"]
 
-_DROPPED_STATE_KEYS = ("RMS",)  # stored (unused) by the authors' package
+#: Param-group keys every state dict of CAME (and of the authors' package) has.
+_REQUIRED_GROUP_KEYS = tuple(o.name for o in OPTIONS if o.positional)
 
-#: Group entries absent from older state dicts (and the authors' package), with the values
-#: that reproduce the behaviour those dicts were saved with.
-_GROUP_DEFAULTS = dict(
-    maximize=False,
-    foreach=None,
-    fused=None,
-    skip_nonfinite=False,
-    skipped_steps=0,
-    momentum_dtype="float32",
-    quantization_block_size=256,
-    min_quantized_numel=4096,
-    stochastic_rounding=False,
-    bias_correction=False,
-    factor_dims="last_two",
-    factor_min_dim=1,
-)
-
-#: Group entries that fix the layout of a parameter's state at creation.
-_LAYOUT_KEYS = ("momentum_dtype", "quantization_block_size", "min_quantized_numel",
-                "factor_dims", "factor_min_dim")
-
-
-def _check_real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if math.isnan(value):
-        raise ValueError(f"{name} must not be NaN, got {value!r}")
-    return value
-
-
-def _check_tuple(name: str, value: Any, length: int) -> tuple[float, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise TypeError(f"{name} must be a tuple of {length} numbers, got {value!r}")
-    items = tuple(value)
-    if len(items) != length:
-        raise ValueError(f"{name} must have {length} entries, got {len(items)}: {value!r}")
-    return tuple(_check_real(f"{name}[{i}]", v) for i, v in enumerate(items))
-
-
-def _check_lr(lr: Any) -> float | Tensor:
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1 or lr.dim() != 0:
-            raise ValueError(f"lr as a Tensor must be 0-d, got shape {tuple(lr.shape)}")
-        if not lr.is_floating_point():
-            raise TypeError(f"lr as a Tensor must be floating point, got {lr.dtype}")
-        value = float(lr.detach().cpu())
-        if math.isnan(value) or value < 0.0:
-            raise ValueError(f"Invalid lr: {value} (must be >= 0)")
-        return lr
-    if lr is None:
-        raise TypeError("lr must be a float or a 0-d tensor, got None")
-    value = _check_real("lr", lr)
-    if value < 0.0 or math.isinf(value):
-        raise ValueError(f"Invalid lr: {lr!r} (must be finite and >= 0)")
-    return value
-
-
-def _validate_hyperparameters(group: dict[str, Any]) -> None:
-    """Check (and normalize, in place) the hyperparameters of one param group."""
-    group["lr"] = _check_lr(group["lr"])
-    betas = _check_tuple("betas", group["betas"], 3)
-    for i, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid betas[{i}]: {beta!r} (must be in [0, 1)); betas={betas}")
-    group["betas"] = betas
-    eps = _check_tuple("eps", group["eps"], 2)
-    for i, e in enumerate(eps):
-        if e < 0.0 or math.isinf(e):
-            raise ValueError(f"Invalid eps[{i}]: {e!r} (must be finite and >= 0); eps={eps}")
-    group["eps"] = eps
-    clip = _check_real("clip_threshold", group["clip_threshold"])
-    if clip <= 0.0:
-        raise ValueError(f"Invalid clip_threshold: {clip!r} (must be > 0)")
-    group["clip_threshold"] = clip
-    wd = _check_real("weight_decay", group["weight_decay"])
-    if wd < 0.0 or math.isinf(wd):
-        raise ValueError(f"Invalid weight_decay: {wd!r} (must be finite and >= 0)")
-    group["weight_decay"] = wd
-    group["momentum_dtype"] = normalize_momentum_dtype(group["momentum_dtype"])
-    for name, low in (("quantization_block_size", 1), ("min_quantized_numel", 0),
-                      ("factor_min_dim", 1)):
-        value = group[name]
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {value!r}")
-        if value < low:
-            raise ValueError(f"Invalid {name}: {value!r} (must be >= {low})")
-    if group["factor_dims"] not in FACTOR_POLICIES:
-        raise ValueError(
-            f"Invalid factor_dims: {group['factor_dims']!r}; expected one of {FACTOR_POLICIES}"
-        )
-    for flag in ("maximize", "skip_nonfinite", "stochastic_rounding", "bias_correction"):
-        if not isinstance(group[flag], bool):
-            raise TypeError(f"{flag} must be a bool, got {group[flag]!r}")
-    for flag in ("foreach", "fused"):
-        if group[flag] is not None and not isinstance(group[flag], bool):
-            raise TypeError(f"{flag} must be None or a bool, got {group[flag]!r}")
-    if group["foreach"] and group["fused"]:
-        raise ValueError("foreach=True and fused=True are exclusive; set at most one of them")
-
-
-class CAME(Optimizer):
-    r"""CAME: Confidence-guided Adaptive Memory Efficient optimization (Luo et al., ACL 2023).
+_DOC = r"""CAME: Confidence-guided Adaptive Memory Efficient optimization (Luo et al., ACL 2023).
 
     .. math::
 
@@ -153,122 +73,120 @@ class CAME(Optimizer):
     ``maximize``, ``skip_nonfinite``, the fast implementations, and no unused ``RMS`` state.
 
     Args:
-        params: parameters or dicts defining parameter groups.
-        lr: learning rate :math:`\eta`, a float or a 0-d tensor (default: 2e-4).
-        eps: :math:`(\epsilon_1, \epsilon_2)` added to the squared gradient and to the
-            instability (default: (1e-30, 1e-16)).
-        clip_threshold: :math:`d`, the RMS above which the update is scaled down (default: 1.0).
-        betas: :math:`(\beta_1, \beta_2, \beta_3)` for the momentum, the second moment and the
-            instability (default: (0.9, 0.999, 0.9999)).
-        weight_decay: decoupled weight decay :math:`\lambda`, multiplied by lr (default: 0).
-        maximize: maximize the objective instead of minimizing it (default: False).
-        foreach: ``True``: the multi-tensor implementation; ``False``: the per-tensor
-            reference. ``None`` (with ``fused`` unset) picks the fastest path that stays bit
-            for bit equal to the reference: multi-tensor on CPU and CUDA.
-        fused: ``True``: the fused implementation (CPU: a C++ kernel built just in time on
-            first use; CUDA: ``torch.compile``), several times faster, equal to the
-            reference to float32 rounding. Opt-in.
-        skip_nonfinite: if True, a param group whose gradients contain inf or NaN is not
-            stepped at all (params and state untouched) and ``group["skipped_steps"]`` counts
-            it; without it one bad gradient poisons the statistics for good (default: False).
-            Costs one device-to-host sync per group and step.
-        momentum_dtype: how the momentum m is stored between steps: ``torch.float32``
-            (default), ``torch.bfloat16`` (2 bytes per element, round to nearest) or
-            ``"int8"`` (block-wise absmax 8-bit, one float32 scale per
-            ``quantization_block_size`` elements; vectors and tensors smaller than
-            ``min_quantized_numel`` stay float32). Every factored statistic stays float32 and
-            the step's math runs on a float32 m. See :mod:`torchcame.lowbit`.
-        quantization_block_size: elements per int8 block (default: 256).
-        min_quantized_numel: smallest tensor whose momentum is quantized (default: 4096).
-        stochastic_rounding: for bf16/fp16 parameters, compute the new weight in float32 and
-            round it to the parameter dtype stochastically (unbiased), so updates and weight
-            decay below the format's resolution survive in expectation, without a float32
-            master copy (default: False: round to nearest, as the reference does).
-        bias_correction: divide m by (1 - β1^t) and the second-moment and instability
-            estimates by (1 - β2^t), (1 - β3^t). Removes the early-step amplification of up to
-            ~(1 - β1^t) / sqrt(1 - β3^t) of the zero-initialized rule (default: False).
-        factor_dims: ``"last_two"`` (default, the reference: factor over the last two dims)
-            or ``"largest"`` (the two largest dims, if both are at least ``factor_min_dim``,
-            else a full second moment). ``"largest"`` stores a 1x1 conv's statistics in
-            ``O(out + in)`` instead of ``2 * out * in``.
-        factor_min_dim: see ``factor_dims`` (default: 1).
+        params: parameters or dicts defining parameter groups (an ordered collection: a
+            ``set`` is refused, its order changes between runs).
+{options}
+
+    Raises:
+        TypeError, ValueError: for a bad option (naming it and the value), an unknown option,
+            or bad parameters; nothing is built.
     """
+
+
+class CAME(Optimizer):
+    __doc__ = _DOC.replace("{options}", options_doc())
 
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Tensor = 2e-4,
-        eps: tuple[float, float] = (1e-30, 1e-16),
-        clip_threshold: float = 1.0,
-        betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
-        weight_decay: float = 0.0,
-        *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        skip_nonfinite: bool = False,
-        momentum_dtype: torch.dtype | str = torch.float32,
-        quantization_block_size: int = 256,
-        min_quantized_numel: int = 4096,
-        stochastic_rounding: bool = False,
-        bias_correction: bool = False,
-        factor_dims: str = "last_two",
-        factor_min_dim: int = 1,
+        lr: float | Tensor = DEFAULTS["lr"],
+        eps: tuple[float, float] = DEFAULTS["eps"],
+        clip_threshold: float = DEFAULTS["clip_threshold"],
+        betas: tuple[float, float, float] = DEFAULTS["betas"],
+        weight_decay: float = DEFAULTS["weight_decay"],
+        **options: Any,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            eps=eps,
-            clip_threshold=clip_threshold,
-            betas=betas,
-            weight_decay=weight_decay,
-            maximize=maximize,
-            foreach=foreach,
-            fused=fused,
-            skip_nonfinite=skip_nonfinite,
-            momentum_dtype=momentum_dtype,
-            quantization_block_size=quantization_block_size,
-            min_quantized_numel=min_quantized_numel,
-            stochastic_rounding=stochastic_rounding,
-            bias_correction=bias_correction,
-            factor_dims=factor_dims,
-            factor_min_dim=factor_min_dim,
-        )
-        _validate_hyperparameters(dict(defaults))  # fail before any group is built
+        unknown = unknown_options(options)
+        if unknown:
+            raise TypeError(f"CAME got unexpected keyword argument(s) {unknown}; options are "
+                            f"{[o.name for o in OPTIONS]}")
+        defaults = validate_options({**DEFAULTS, "lr": lr, "eps": eps,
+                                     "clip_threshold": clip_threshold, "betas": betas,
+                                     "weight_decay": weight_decay, **options})
+        if isinstance(params, (set, frozenset)):
+            raise TypeError("params must be an ordered collection (a list or generator), not a "
+                            "set: a set's order changes between runs, and so would the state")
+        self._layout_cache: dict[int, tuple[dict, tuple, dict[Tensor, StateLayout]]] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group; its hyperparameters and parameters are validated first."""
+        """Add a param group; its options and parameters are validated first."""
         params = param_group["params"]
+        if isinstance(params, (set, frozenset)):
+            raise TypeError("a param group's params must be an ordered collection, not a set")
         params = [params] if isinstance(params, Tensor) else list(params)
         for p in params:
-            if isinstance(p, Tensor) and p.is_complex():
+            if not isinstance(p, Tensor):
+                raise TypeError(f"CAME can only optimize Tensors, got {type(p).__name__}")
+            if p.is_complex():
                 raise TypeError(
                     f"CAME does not support complex parameters (got one of dtype {p.dtype} "
                     f"and shape {tuple(p.shape)}); optimize torch.view_as_real(param) instead"
                 )
-            if isinstance(p, Tensor) and not p.is_floating_point():
+            if not p.is_floating_point():
                 raise TypeError(f"CAME can only optimize floating-point tensors, got {p.dtype}")
-        merged = {**self.defaults, **param_group}
-        merged.pop("params")
-        _validate_hyperparameters(merged)
-        param_group = {**param_group, **merged, "params": params}
-        param_group.setdefault("skipped_steps", 0)
-        super().add_param_group(param_group)
+            if distributed.is_dtensor(p):
+                distributed.check_param(p)
+        merged = validate_options({**self.defaults, **param_group, "params": params})
+        merged.setdefault("skipped_steps", 0)
+        super().add_param_group(merged)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            for key, value in _GROUP_DEFAULTS.items():
-                group.setdefault(key, value)
+            for key, value in DEFAULTS.items():
+                if key not in _REQUIRED_GROUP_KEYS:
+                    group.setdefault(key, value)  # groups saved before the option existed
+            group.setdefault("skipped_steps", 0)
 
-    # ----------------------------------------------------------------------------------- step
+    # ------------------------------------------------------------------------------- layouts
 
-    def _gather(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
-        params, grads = [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+    def _layouts(self, index: int, group: dict[str, Any],
+                 params: list[Tensor]) -> list[StateLayout]:
+        """The layout of each of ``params`` (of ``group``), checked against existing state.
+
+        Resolved once per parameter and cached while the group's layout options stay the
+        same; when they change, existing state is checked against them first (a
+        ``ValueError`` before anything changes).
+        """
+        cache_all = self.__dict__.setdefault("_layout_cache", {})
+        options = tuple(group[k] for k in LAYOUT_OPTIONS)
+        cached = cache_all.get(id(group))
+        if cached is None or cached[0] is not group or cached[1] != options:
+            cached = (group, options, {})
+            cache_all[id(group)] = cached
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state:
+                    check_layout_unchanged(p, state, self._layout(cached[2], group, p), index)
+        return [self._layout(cached[2], group, p) for p in params]
+
+    @staticmethod
+    def _layout(cache: dict[Tensor, StateLayout], group: dict, param: Tensor) -> StateLayout:
+        layout = cache.get(param)
+        if layout is None:
+            layout = cache[param] = layout_of(param, group)
+        return layout
+
+    def _states(self, params: list[Tensor], layouts: list[StateLayout]) -> list[dict]:
+        """Each parameter's state, created (zero) where missing."""
+        states = []
+        for p, layout in zip(params, layouts):
+            state = self.state[p]
+            if len(state) == 0:
+                state.update(_new_state(p, layout))
+            states.append(state)
+        return states
+
+    # ---------------------------------------------------------------------------------- step
+
+    def _gather(self, params: Iterable[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """The parameters with a gradient, and their gradients, checked."""
+        out_params, grads = [], []
+        for p in params:
             grad = p.grad
+            if grad is None:
+                continue
             if grad.is_sparse:
                 raise TypeError(
                     "CAME does not support sparse gradients (got one for a parameter of shape "
@@ -285,9 +203,9 @@ class CAME(Optimizer):
                     f"gradient shape {tuple(grad.shape)} does not match parameter shape "
                     f"{tuple(p.shape)}"
                 )
-            params.append(p)
+            out_params.append(p)
             grads.append(grad)
-        return params, grads
+        return out_params, grads
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -306,46 +224,52 @@ class CAME(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step_groups([(group, group["params"]) for group in self.param_groups])
+        return loss
 
-        # Validate every group's gradients before changing any state.
-        gathered = [self._gather(group) for group in self.param_groups]
+    @torch.no_grad()
+    def step_parameters(self, params: Iterable[Tensor]) -> None:
+        """Step only ``params``, each with its current ``.grad`` and its group's options.
 
-        with _dtensor_batch(gathered):  # FSDP2: one pair of all-reduces for all groups
-            for group, (params, grads) in zip(self.param_groups, gathered):
+        The public per-parameter step (what :func:`torchcame.step_in_backward` uses): the
+        result for a parameter equals :meth:`step`'s, since CAME's update of a tensor depends
+        only on its gradient and state. Every gradient is checked before any parameter or
+        state changes. ``skip_nonfinite`` applies to the given parameters of a group.
+
+        Raises:
+            ValueError: for a tensor this optimizer does not hold.
+        """
+        params = list(params)
+        owner = {p: i for i, group in enumerate(self.param_groups) for p in group["params"]}
+        chosen: dict[int, list[Tensor]] = {}
+        for p in params:
+            index = owner.get(p)
+            if index is None:
+                raise ValueError(f"step_parameters got a tensor of shape {tuple(p.shape)} that "
+                                 "is not in this optimizer's param groups")
+            chosen.setdefault(index, []).append(p)
+        self._step_groups([(self.param_groups[i], ps) for i, ps in chosen.items()])
+        # what torch's LR schedulers check to tell that the optimizer stepped
+        self._opt_called = True  # type: ignore[attr-defined]
+
+    def _step_groups(self, work: list[tuple[dict[str, Any], list[Tensor]]]) -> None:
+        """Check every input of every group, then step them (one batch of collectives)."""
+        index = {id(group): i for i, group in enumerate(self.param_groups)}
+        prepared = []
+        for group, params in work:  # every check before any change
+            params, grads = self._gather(params)
+            layouts = self._layouts(index[id(group)], group, params)
+            prepared.append((group, params, grads, layouts))
+        batch = any(distributed.is_dtensor(p) for _, params, _, _ in prepared for p in params)
+        with distributed.batched_collectives() if batch else contextlib.nullcontext():
+            for group, params, grads, layouts in prepared:
                 if not params:
                     continue
                 if group["skip_nonfinite"] and not _all_finite(grads):
                     group["skipped_steps"] += 1
                     continue
-                self._step_group(group, params, grads)
-        return loss
-
-    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        """Step ``params`` (all of ``group``) with ``grads``, creating missing state."""
-        states = []
-        for p in params:
-            state = self.state[p]
-            if len(state) == 0:
-                state.update(init_state(p, **_layout_options(group)))
-            states.append(state)
-        came(
-            params,
-            grads,
-            states,
-            lr=group["lr"],
-            betas=group["betas"],
-            eps=group["eps"],
-            clip_threshold=group["clip_threshold"],
-            weight_decay=group["weight_decay"],
-            maximize=group["maximize"],
-            foreach=group["foreach"],
-            fused=group["fused"],
-            block_size=group["quantization_block_size"],
-            stochastic_rounding=group["stochastic_rounding"],
-            bias_correction=group["bias_correction"],
-            factor_dims=group["factor_dims"],
-            factor_min_dim=group["factor_min_dim"],
-        )
+                step_group(params, grads, self._states(params, layouts), step_args(group),
+                           layouts, foreach=group["foreach"], fused=group["fused"])
 
     @torch.no_grad()
     def init_state(self) -> None:
@@ -357,36 +281,39 @@ class CAME(Optimizer):
         lists every parameter's tensors (DTensors for FSDP2 parameters). Parameters that
         already have state, and those with ``requires_grad=False``, are left alone.
         """
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.requires_grad and not self.state.get(p):
-                    self.state[p] = init_state(p, **_layout_options(group))
+        for index, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.requires_grad]
+            self._states(params, self._layouts(index, group, params))
 
     # ----------------------------------------------------------------------------- state dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this class or of the authors' ``came_pytorch.CAME``.
 
-        The whole dict is checked against the current parameters first (group sizes, state
-        keys, shapes); on any mismatch a ``ValueError`` is raised and nothing is loaded. The
-        unused ``RMS`` entry of the authors' package is dropped, an integer ``step`` becomes a
-        tensor, and statistics keep the float32 compute dtype of bf16/fp16 parameters.
+        The whole dict is checked against the current parameters first: groups (sizes, a
+        valid value of every option, the required hyperparameters), each parameter's state
+        (keys, shapes, dtypes, a whole ``step`` >= 0, finite statistics >= 0); on any
+        mismatch a ``ValueError`` is raised and nothing is loaded. The unused ``RMS`` entry
+        of the authors' package is dropped, an integer ``step`` becomes a tensor, and
+        statistics keep the float32 compute dtype of bf16/fp16 parameters.
 
-        The state layout options of this optimizer (``momentum_dtype``, the quantization block
-        and threshold, ``factor_dims``) are kept, and the loaded momentum is converted to them:
+        The layout options of this optimizer (``momentum_dtype``, the quantization block and
+        threshold, ``factor_dims``) are kept, and the loaded momentum is converted to them:
         a float32 checkpoint loads into an 8-bit optimizer and the other way round.
         """
-        state_dict = copy.deepcopy(state_dict)
-        groups = self.param_groups
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         saved_groups = state_dict.get("param_groups")
         saved_state = state_dict.get("state")
-        if saved_groups is None or saved_state is None:
-            raise ValueError("state_dict must have 'state' and 'param_groups' entries")
+        if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
+            raise ValueError("state_dict must have a 'state' dict and a 'param_groups' list")
+        groups = self.param_groups
         if len(groups) != len(saved_groups):
             raise ValueError(
                 f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer "
                 f"has {len(groups)}"
             )
+        saved_groups = [_checked_saved_group(i, g) for i, g in enumerate(saved_groups)]
         id_to_param: dict[Any, Tensor] = {}
         id_to_groups: dict[Any, tuple[dict, dict]] = {}
         for group, saved in zip(groups, saved_groups):
@@ -395,141 +322,63 @@ class CAME(Optimizer):
                     f"a loaded parameter group has {len(saved['params'])} parameters, the "
                     f"optimizer's has {len(group['params'])}"
                 )
-            for key, value in _GROUP_DEFAULTS.items():
-                saved.setdefault(key, value)
-            hyper = {k: v for k, v in saved.items() if k != "params"}
-            _validate_hyperparameters(hyper)
             id_to_param.update(zip(saved["params"], group["params"]))
             id_to_groups.update((pid, (saved, group)) for pid in saved["params"])
-        converted: dict[Any, dict[str, Tensor]] = {}
+        converted: dict[Any, dict[str, Any]] = {}
         for pid, entry in saved_state.items():
             if pid not in id_to_param:
                 raise ValueError(f"state dict has state for unknown parameter id {pid!r}")
             saved, group = id_to_groups[pid]
-            converted[pid] = _convert_param_state(id_to_param[pid], entry, pid, saved, group)
+            param = id_to_param[pid]
+            where = f"parameter {pid!r}"
+            layout = layout_of(param, group)
+            entry = convert_state(param, entry, layout_of(param, saved), layout, where)
+            if entry:
+                converted[pid] = _placed_state(param, entry, layout)
         for saved, group in zip(saved_groups, groups):
-            saved.update({key: group[key] for key in _LAYOUT_KEYS})  # keep this layout
-        state_dict["state"] = {}
+            saved.update({key: group[key] for key in LAYOUT_OPTIONS})  # keep this layout
+        state_dict = {**state_dict, "state": {}, "param_groups": saved_groups}
         super().load_state_dict(state_dict)
         for pid, entry in converted.items():
             self.state[id_to_param[pid]] = entry
 
 
-def _layout_options(group: dict[str, Any]) -> dict[str, Any]:
-    """The :func:`init_state` options a param group sets."""
-    return dict(
-        momentum_dtype=group["momentum_dtype"],
-        block_size=group["quantization_block_size"],
-        min_quantized_numel=group["min_quantized_numel"],
-        factor_dims=group["factor_dims"],
-        factor_min_dim=group["factor_min_dim"],
-    )
+def _new_state(param: Tensor, layout: StateLayout) -> dict[str, Tensor]:
+    if distributed.is_dtensor(param):
+        return distributed.init_state_dtensor(param, layout)
+    return init_state(param, layout)
 
 
-def _convert_param_state(
-    param: Tensor, entry: dict[str, Any], pid: Any, saved_group: dict, group: dict
-) -> dict[str, Tensor]:
-    """Check one parameter's saved state against ``param`` and convert it to our layout.
-
-    ``saved_group`` is the parameter's group in the loaded dict (it says how its momentum was
-    stored), ``group`` its group in this optimizer (the layout to convert to).
-    """
-    entry = {k: v for k, v in entry.items() if k not in _DROPPED_STATE_KEYS}
-    if not entry:
-        return {}
-    is_dtensor = type(param).__name__ == "DTensor"
-    if is_dtensor:  # state is checked against the global shape, then laid out like param
-        meta = torch.empty(param.shape, dtype=param.dtype, device="meta")
-        expected = init_state(meta, **_layout_options(group))
-    else:
-        expected = init_state(param.detach().to("meta"), **_layout_options(group))
-    if not any(type(v).__name__ == "DTensor" for v in entry.values()):
-        entry = _convert_momentum(entry, expected, saved_group["quantization_block_size"],
-                                  group["quantization_block_size"], pid)
-    if is_dtensor and "exp_avg_absmax" in expected:  # DTensor int8 scales: per dim-0 slice
-        from .distributed import _check_quantizable
-
-        _check_quantizable(param, group["quantization_block_size"])  # before any change
-        rows = param.shape[0]
-        per_slice = expected["exp_avg_absmax"].numel() // rows if rows else 0
-        slices = expected["exp_avg_absmax"].new_empty((rows, per_slice))
-        expected["exp_avg_absmax"] = slices
-        absmax = entry.get("exp_avg_absmax")
-        if (isinstance(absmax, Tensor) and type(absmax).__name__ != "DTensor"
-                and absmax.dim() == 1 and absmax.numel() == slices.numel()):
-            entry = {**entry, "exp_avg_absmax": absmax.view(slices.shape)}
-    missing = set(expected) - set(entry)
-    unknown = set(entry) - set(expected)
-    if missing or unknown:
-        raise ValueError(
-            f"state of parameter {pid!r} (shape {tuple(param.shape)}) does not match CAME's: "
-            f"missing {sorted(missing)}, unexpected {sorted(unknown)}"
-        )
-    out: dict[str, Tensor] = {}
-    for key, ref in expected.items():
-        value = entry[key]
-        if key == "step":
-            step = float(value.item() if isinstance(value, Tensor) else value)
-            out[key] = torch.tensor(step, dtype=torch.float32)
-            continue
-        if not isinstance(value, Tensor):
-            raise ValueError(f"state {key!r} of parameter {pid!r} is not a tensor: {value!r}")
-        if value.shape != ref.shape:
-            raise ValueError(
-                f"state {key!r} of parameter {pid!r} has shape {tuple(value.shape)}, expected "
-                f"{tuple(ref.shape)} for a parameter of shape {tuple(param.shape)}"
-            )
-        if is_dtensor:
-            from .distributed import to_param_layout
-
-            out[key] = to_param_layout(param, key, value, dtype=ref.dtype)
-            continue
-        out[key] = value.to(device=param.device, dtype=ref.dtype)
+def _placed_state(param: Tensor, entry: dict[str, Any], layout: StateLayout) -> dict[str, Any]:
+    """A checked, converted state moved to ``param``'s device, dtypes and sharding."""
+    if distributed.is_dtensor(param):
+        return distributed.load_state_dtensor(param, entry, layout)
+    out: dict[str, Any] = {"step": entry["step"]}
+    for key, value in entry.items():
+        if key != "step":
+            out[key] = value.to(device=param.device, dtype=state_dtype(key, layout))
     return out
 
 
-def _convert_momentum(
-    entry: dict[str, Any], expected: dict[str, Tensor], saved_block: int, block: int, pid: Any
-) -> dict[str, Any]:
-    """Re-encode a saved momentum (float, bf16 or int8) into the storage ``expected`` has."""
-    exp_avg = entry.get("exp_avg")
-    if not isinstance(exp_avg, Tensor):
-        return entry  # reported by the key/shape checks
-    saved_int8 = exp_avg.dtype == torch.int8
-    want_int8 = expected["exp_avg"].dtype == torch.int8
-    if not saved_int8 and not want_int8:
-        return entry  # a cast, done with the others
-    entry = dict(entry)
-    if exp_avg.shape != expected["exp_avg"].shape:
-        return entry  # reported by the shape check
-    if saved_int8:
-        absmax = entry.pop("exp_avg_absmax", None)
-        if not isinstance(absmax, Tensor) or absmax.numel() != -(-exp_avg.numel() // saved_block):
-            raise ValueError(
-                f"int8 momentum of parameter {pid!r} has no matching 'exp_avg_absmax' for "
-                f"block size {saved_block}"
-            )
-        if want_int8 and saved_block == block:  # the same encoding: kept bit for bit
-            entry["exp_avg_absmax"] = absmax.float().reshape(-1)
-            return entry
-        momentum = dequantize_blockwise(exp_avg, absmax.float(), saved_block)
-    else:
-        momentum = exp_avg.float()
-    if want_int8:
-        entry["exp_avg"], entry["exp_avg_absmax"] = quantize_blockwise(momentum, block)
-    else:
-        entry["exp_avg"] = momentum
-    return entry
-
-
-def _dtensor_batch(gathered: list[tuple[list[Tensor], list[Tensor]]]) -> Any:
-    """A context that defers the DTensor (FSDP2) work of all groups to one pair of
-    all-reduces (:func:`torchcame.distributed.batched_collectives`); a no-op otherwise."""
-    if any(type(p).__name__ == "DTensor" for params, _ in gathered for p in params):
-        from .distributed import batched_collectives
-
-        return batched_collectives()
-    return contextlib.nullcontext()
+def _checked_saved_group(index: int, saved: Any) -> dict[str, Any]:
+    """A copy of a loaded param group with every option checked (``ValueError`` naming it)
+    and the options it predates at their defaults."""
+    if not isinstance(saved, dict) or "params" not in saved:
+        raise ValueError(f"param group {index} of the state dict is not a dict with 'params'")
+    missing = [key for key in _REQUIRED_GROUP_KEYS if key not in saved]
+    if missing:
+        raise ValueError(
+            f"param group {index} of the state dict has no {missing}: not a state dict of CAME "
+            "(torchcame or came_pytorch)"
+        )
+    group = copy.copy(saved)
+    for key, value in DEFAULTS.items():
+        group.setdefault(key, value)
+    group.setdefault("skipped_steps", 0)
+    try:
+        return validate_options(group)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"param group {index} of the state dict: {exc}") from None
 
 
 @torch.compiler.disable
@@ -544,10 +393,8 @@ def _first_step_checks(optimizer: CAME) -> bool:
     """
     if not torch.distributed.is_available():
         return False
-    from .distributed import called_from_dcp_state_init, check_not_flat_partitions
-
-    check_not_flat_partitions(optimizer.param_groups)
-    if called_from_dcp_state_init():
+    distributed.check_not_flat_partitions(optimizer.param_groups)
+    if distributed.called_from_dcp_state_init():
         optimizer.init_state()
         return True
     return False
@@ -555,11 +402,23 @@ def _first_step_checks(optimizer: CAME) -> bool:
 
 def _all_finite(tensors: list[Tensor]) -> bool:
     """True when every element of every tensor is finite (one host sync)."""
-    if any(type(t).__name__ == "DTensor" for t in tensors):  # FSDP2: all ranks must agree
-        from .distributed import all_finite
-
-        return all_finite(tensors)
+    if any(distributed.is_dtensor(t) for t in tensors):  # FSDP2: all ranks must agree
+        return distributed.all_finite(tensors)
     flags = [torch.isfinite(t).all() for t in tensors if t.numel() > 0]
     if not flags:
         return True
     return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+
+def _signature() -> inspect.Signature:
+    """``CAME.__init__``'s signature with every option spelled out (for help() and IDEs)."""
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = [self_param, inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for option in OPTIONS:
+        kind = (inspect.Parameter.POSITIONAL_OR_KEYWORD if option.positional
+                else inspect.Parameter.KEYWORD_ONLY)
+        params.append(inspect.Parameter(option.name, kind, default=option.default))
+    return inspect.Signature(params, return_annotation=None)
+
+
+CAME.__init__.__signature__ = _signature()  # type: ignore[attr-defined]

@@ -42,7 +42,6 @@ and several sharded mesh dimensions (FSDP + TP) raise :class:`UnsupportedShardin
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
 from collections.abc import Iterator, Sequence
@@ -55,13 +54,24 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._factored import approx_rsqrt, ema_, is_factored
-from ._impl.common import StepArgs, compute_dtype
-from ._impl.reference import apply_update_, step_single_tensor
+from ._factored import (
+    apply_updates_,
+    approx_rsqrt,
+    bias_correction_scales,
+    clip_,
+    compute_dtype,
+    ema_,
+)
+from ._impl.reference import step_single_tensor
 from .lowbit import load_momentum, store_momentum_
+from .options import StepArgs
+from .state import StateLayout, state_dtype, state_shapes
+from .state import init_state as init_local_state
 
 __all__ = [
     "UnsupportedShardingError",
+    "is_dtensor",
+    "load_state_dtensor",
     "init_state_dtensor",
     "state_placements",
     "step_dtensor",
@@ -84,9 +94,13 @@ class UnsupportedShardingError(NotImplementedError):
     """A parameter's DTensor layout (or a flat partition) that CAME cannot step exactly."""
 
 
-def _is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2, TP)."""
     cls = _dtensor_cls()
     return cls is not None and isinstance(t, cls)
+
+
+_is_dtensor = is_dtensor
 
 
 def _dtensor_cls() -> type | None:
@@ -171,7 +185,7 @@ def check_not_flat_partitions(param_groups: Sequence[dict]) -> None:
         )
 
 
-def state_placements(param: Tensor) -> dict[str, tuple]:
+def state_placements(param: Tensor, layout: StateLayout) -> dict[str, tuple]:
     """Placements of each state tensor of a DTensor parameter, by state key.
 
     ``exp_avg`` (and ``exp_avg_sq`` of a vector) is laid out like the parameter. For a factored
@@ -182,22 +196,22 @@ def state_placements(param: Tensor) -> dict[str, tuple]:
     """
     from torch.distributed.tensor import Replicate, Shard
 
-    layout = _layout(param)
+    sharding = _layout(param)
     base = tuple(param.placements)
     k = param.dim()
 
     def with_(placement: Any) -> tuple:
-        if layout.mesh_dim is None:
+        if sharding.mesh_dim is None:
             return base
         out = list(base)
-        out[layout.mesh_dim] = placement
+        out[sharding.mesh_dim] = placement
         return tuple(out)
 
     out = {"exp_avg": base, "exp_avg_absmax": base}  # int8 scales: (dim 0, blocks per slice)
-    if not is_factored(param.shape):
+    if not layout.factored:
         out["exp_avg_sq"] = base
         return out
-    d = layout.tensor_dim
+    d = sharding.tensor_dim
     if d is None:
         row = col = base
     elif d < k - 2:
@@ -226,40 +240,48 @@ def _wrap(local: Tensor, mesh: Any, placements: tuple, shape: torch.Size) -> Ten
                               stride=_contiguous_stride(shape))
 
 
-def init_state_dtensor(param: Tensor, momentum_dtype: Any = "float32", block_size: int = 256,
-                       quantized: bool = False) -> dict[str, Tensor]:
+def init_state_dtensor(param: Tensor, layout: StateLayout) -> dict[str, Tensor]:
     """A zero CAME state for a DTensor parameter, each statistic a DTensor laid out for DCP.
 
     Local shards have exactly the shapes the distributed step works on, so the state saves
     with ``torch.distributed.checkpoint`` on N ranks and loads on M. ``step`` stays a plain
-    float32 0-d CPU tensor (the same on every rank). No communication.
+    float32 0-d CPU tensor (the same on every rank). No communication. ``layout`` is the
+    global tensor's (:func:`torchcame.state.resolve_layout`).
 
-    m (``exp_avg``) is laid out like the parameter, in float32, bf16 or, when ``quantized``
-    (decided on the global tensor), int8 codes. int8 needs every rank to hold whole blocks of
-    the flattened tensor, so that its quantization is the single process's: the parameter
-    must be sharded on dim 0 (or replicated) and the size of a dim-0 slice a multiple of
-    ``block_size``. Its scales ``exp_avg_absmax`` are then a ``(size(0), slice // block)``
-    DTensor sharded like the parameter (the single process's 1-D scales, viewed 2-D).
+    m (``exp_avg``) is laid out like the parameter, in float32, bf16 or int8 codes. int8
+    needs every rank to hold whole blocks of the flattened tensor, so that its quantization is
+    the single process's: the parameter must be sharded on dim 0 (or replicated) and the size
+    of a dim-0 slice a multiple of the block size. Its scales ``exp_avg_absmax`` are then a
+    ``(size(0), slice // block)`` DTensor sharded like the parameter (the single process's
+    1-D scales, viewed 2-D).
     """
-    from .functional import init_state
-
     check_param(param)
-    if quantized:
-        _check_quantizable(param, block_size)
+    _check_local_layout(param, layout)
     local = param.to_local()
-    local_state = init_state(local, momentum_dtype=momentum_dtype, block_size=block_size,
-                             min_quantized_numel=0 if quantized else local.numel() + 1)
-    global_shapes = {k: v.shape for k, v in init_state(_meta_like(param)).items()}
-    placements = state_placements(param)
+    local_state = init_local_state(local, layout)
+    global_shapes = {k: torch.Size(v) for k, v in state_shapes(param.shape, layout).items()}
+    placements = state_placements(param, layout)
     out: dict[str, Tensor] = {"step": local_state.pop("step")}
-    if quantized:
-        per_slice = param[0].numel() // block_size if param.shape[0] else 0
+    if layout.quantized:
+        per_slice = param[0].numel() // layout.block_size if param.shape[0] else 0
         global_shapes["exp_avg_absmax"] = torch.Size((param.shape[0], per_slice))
         local_state["exp_avg_absmax"] = local_state["exp_avg_absmax"].view(
             local.shape[0], per_slice)
     for key, value in local_state.items():
         out[key] = _wrap(value, param.device_mesh, placements[key], global_shapes[key])
     return out
+
+
+def _check_local_layout(param: Tensor, layout: StateLayout) -> None:
+    """Raise for a layout the DTensor step cannot run, before any state exists."""
+    if layout.moved(param.dim()):
+        raise NotImplementedError(
+            "factor_dims other than 'last_two' is not supported for DTensor (FSDP2) "
+            f"parameters yet (a parameter of shape {tuple(param.shape)} would be factored "
+            f"over dims {layout.factored_dims})"
+        )
+    if layout.quantized:
+        _check_quantizable(param, layout.block_size)
 
 
 def _check_quantizable(param: Tensor, block_size: int) -> None:
@@ -288,7 +310,7 @@ def _local_range(size: int, num_chunks: int, index: int) -> tuple[int, int]:
     return start, max(0, min(size, start + chunk) - start)
 
 
-def to_param_layout(param: Tensor, key: str, value: Tensor,
+def to_param_layout(param: Tensor, key: str, value: Tensor, layout: StateLayout,
                     dtype: torch.dtype | None = None) -> Tensor:
     """Convert a loaded state tensor of a DTensor ``param`` to the layout CAME steps on.
 
@@ -298,7 +320,7 @@ def to_param_layout(param: Tensor, key: str, value: Tensor,
     compute dtype of ``param``; bf16 for a bf16 momentum).
     """
     dtype = compute_dtype(param.dtype) if dtype is None else dtype
-    placements = state_placements(param)[key]
+    placements = state_placements(param, layout)[key]
     mesh = param.device_mesh
     device = param.to_local().device
     if _is_dtensor(value):
@@ -322,6 +344,21 @@ def to_param_layout(param: Tensor, key: str, value: Tensor,
             local = local.narrow(placement.dim, start, length)
     local = local.to(device=device, dtype=dtype).contiguous().clone()
     return _wrap(local, mesh, placements, value.shape)
+
+
+def load_state_dtensor(param: Tensor, entry: dict[str, Any],
+                       layout: StateLayout) -> dict[str, Tensor]:
+    """Lay out a checked, converted state (global plain tensors or DTensors) like ``param``.
+
+    A plain tensor of the global shape (a single-process checkpoint) is cut to this rank's
+    shard without communication; a DTensor is redistributed to the step's placements.
+    """
+    _check_local_layout(param, layout)  # before any change
+    out: dict[str, Tensor] = {"step": entry["step"]}
+    for key, value in entry.items():
+        if key != "step":
+            out[key] = to_param_layout(param, key, value, layout, dtype=state_dtype(key, layout))
+    return out
 
 
 def called_from_dcp_state_init() -> bool:
@@ -360,6 +397,7 @@ class _ParamStep:
     n: int  # global rows (factored)
     m: int  # global cols (factored)
     args: StepArgs | None = None  # the hyperparameters of the param's group
+    layout: StateLayout | None = None  # the state layout (global tensor)
     partials: list[Tensor] = field(default_factory=list)
     update: Tensor | None = None
     # a float32 working copy of a bf16 momentum, from phase 2 until it is stored back
@@ -368,12 +406,12 @@ class _ParamStep:
     def _momentum(self) -> Tensor:
         if self.momentum is not None:
             return self.momentum
-        exp_avg = self.state["exp_avg"]
-        if exp_avg.dtype != self.grad.dtype:  # bf16/int8 storage: this step's float32 copy
-            assert self.args is not None
-            self.momentum = load_momentum(self.state, self.grad.dtype, self.args.block_size)
+        layout = self.layout
+        if layout.low_bit:  # bf16/int8 storage: this step's float32 copy
+            self.momentum = load_momentum(self.state, layout.momentum, layout.block_size,
+                                          layout.compute_dtype)
             return self.momentum
-        return exp_avg
+        return self.state["exp_avg"]
 
     # phase 1: second moment; partial sums for c (or r), mean(r) and sum(u²)
     def phase1(self, args: StepArgs) -> None:
@@ -418,7 +456,7 @@ class _ParamStep:
             ema_(col, col_sum.div_(self.n), beta2)
             row_mean = row_sum.div_(self.n)
             sum_sq = (ratio.div_(col).sum(dim=-1) * row_mean).sum()
-            self.update = _rsqrt_factors(st["exp_avg_sq_row"], row_mean, col).mul_(g)
+            self.update = approx_rsqrt(st["exp_avg_sq_row"], col, row_mean=row_mean).mul_(g)
         else:  # cols
             row_sum, ratio = self.partials
             row = st["exp_avg_sq_row"]
@@ -428,12 +466,12 @@ class _ParamStep:
             self.update = approx_rsqrt(row, st["exp_avg_sq_col"]).mul_(g)
         update = self.update
         if args.bias_correction:  # v_hat / (1 - beta2^t)  =>  u * sqrt(1 - beta2^t)
-            correction = 1.0 - beta2 ** float(st["step"])
-            update.mul_(math.sqrt(correction))
-            sum_sq = sum_sq * correction
+            update_scale = bias_correction_scales(float(st["step"]), args.betas,
+                                                  self.role != "vector")[0]
+            update.mul_(update_scale)
+            sum_sq = sum_sq * update_scale**2
         # 4. u_hat = u / max(1, RMS(u) / d), RMS over the whole (global) tensor
-        rms = sum_sq.reshape(()).sqrt() / math.sqrt(self.numel)
-        update.div_((rms / args.clip_threshold).clamp_(min=1.0))
+        clip_(update, sum_sq.reshape(()).sqrt() / math.sqrt(self.numel), args.clip_threshold)
         # 5. momentum
         exp_avg = self._momentum()
         ema_(exp_avg, update, beta1)
@@ -462,8 +500,8 @@ class _ParamStep:
         if self.role == "rows":
             col_sum, row_sum = self.partials
             ema_(st["exp_avg_res_col"], col_sum.div_(self.n), beta3)
-            self.update = _rsqrt_factors(
-                st["exp_avg_res_row"], row_sum.div_(self.n), st["exp_avg_res_col"]
+            self.update = approx_rsqrt(
+                st["exp_avg_res_row"], st["exp_avg_res_col"], row_mean=row_sum.div_(self.n)
             ).mul_(self._momentum())
         elif self.role == "cols":
             (row_sum,) = self.partials
@@ -472,25 +510,15 @@ class _ParamStep:
                 self._momentum()
             )
         if args.bias_correction:  # m / (1 - beta1^t) and S_hat / (1 - beta3^t)
-            step = float(st["step"])
-            scale = 1.0 / (1.0 - args.betas[0] ** step)
-            if self.role != "vector":
-                scale *= math.sqrt(1.0 - beta3**step)
-            self.update.mul_(scale)
-        apply_update_(self.param, self.update, args.lr, args.weight_decay,
-                      args.stochastic_rounding)
+            self.update.mul_(bias_correction_scales(float(st["step"]), args.betas,
+                                                    self.role != "vector")[1])
+        apply_updates_([self.param], [self.update], args.lr, args.weight_decay,
+                       args.stochastic_rounding)
         if self.momentum is not None:  # round the float32 m of this step into its storage
-            store_momentum_(st, self.momentum, args.block_size)
+            store_momentum_(st, self.momentum, self.layout.momentum, self.layout.block_size)
             self.momentum = None
         self.update = None
         self.partials = []
-
-
-def _rsqrt_factors(row: Tensor, row_mean: Tensor, col: Tensor) -> Tensor:
-    """``approx_rsqrt`` with the mean of ``row`` given (it spans other ranks' shards)."""
-    row_factor = (row / row_mean.unsqueeze(-1)).rsqrt_().unsqueeze(-1)
-    col_factor = col.unsqueeze(-2).rsqrt()
-    return torch.mul(row_factor, col_factor)
 
 
 def _all_reduce_partials(steps: list[_ParamStep]) -> int:
@@ -563,7 +591,7 @@ def step_dtensor(
     grads: list[Tensor],
     states: list[dict],
     args: StepArgs,
-    impl: str = "reference",
+    layouts: list[StateLayout],
 ) -> None:
     """One CAME step for a param group holding DTensor (and possibly plain) parameters.
 
@@ -571,11 +599,10 @@ def step_dtensor(
     split sums). Two all-reduces per process group, each carrying all parameters' partial sums.
     Inside :func:`batched_collectives` (which ``CAME.step`` uses) the work is deferred and all
     param groups share the two all-reduces. Every rank of the group must call this with the
-    same parameters (as FSDP2 guarantees). ``impl`` is accepted for the signature; the local
-    math uses the reference ops.
+    same parameters (as FSDP2 guarantees). The local math is the reference's. Each state's
+    ``step`` is counted when its work runs (deferred work that is dropped counts nothing).
     """
-    del impl
-    work = _prepare(params, grads, states, args)
+    work = _prepare(params, grads, states, args, layouts)
     pending = _PENDING.get()
     if pending is not None:
         pending.extend(work)
@@ -606,24 +633,36 @@ def batched_collectives() -> Iterator[None]:
     _execute(pending)
 
 
+@dataclass
+class _LocalStep:
+    """A tensor every rank holds whole (plain, or replicated): the reference step."""
+
+    param: Tensor
+    grad: Tensor
+    state: dict[str, Tensor]
+    args: StepArgs
+    layout: StateLayout
+
+    def __call__(self) -> None:
+        self.state["step"] += 1
+        step_single_tensor([self.param], [self.grad], [self.state], self.args, [self.layout])
+
+
 def _prepare(
-    params: list[Tensor], grads: list[Tensor], states: list[dict], args: StepArgs
+    params: list[Tensor], grads: list[Tensor], states: list[dict], args: StepArgs,
+    layouts: list[StateLayout],
 ) -> list:
     """Validate a group and turn it into work items; changes no parameter and no state."""
-    if getattr(args, "factor_dims", "last_two") != "last_two":
-        raise NotImplementedError(
-            "factor_dims other than 'last_two' is not supported with DTensor (FSDP2) "
-            "parameters yet"
-        )
     work: list = []
-    for param, grad, state in zip(params, grads, states):
+    for param, grad, state, layout in zip(params, grads, states, layouts):
         if not _is_dtensor(param):
             if _is_dtensor(grad):
                 raise TypeError("a plain parameter got a DTensor gradient")
-            work.append(functools.partial(step_single_tensor, [param], [grad], [state], args))
+            work.append(_LocalStep(param, grad, state, args, layout))
             continue
         check_param(param)
-        layout = _layout(param)
+        _check_local_layout(param, layout)
+        sharding = _layout(param)
         if not _is_dtensor(grad):
             raise TypeError(
                 f"DTensor parameter of shape {tuple(param.shape)} got a plain-tensor gradient "
@@ -641,11 +680,9 @@ def _prepare(
                 f"local shard {tuple(local_param.shape)}; build it with torchcame.init_state or "
                 "load it with CAME.load_state_dict / set_optimizer_state_dict"
             )
-        role = _role(layout, param.dim())
+        role = _role(sharding, param.dim())
         if role == "replicate":  # every rank holds the whole tensor: the reference step
-            work.append(functools.partial(
-                step_single_tensor, [local_param], [local_grad], [local_state], args
-            ))
+            work.append(_LocalStep(local_param, local_grad, local_state, args, layout))
             continue
         shape = param.shape
         work.append(
@@ -654,11 +691,12 @@ def _prepare(
                 grad=local_grad,
                 state=local_state,
                 role=role,
-                group=param.device_mesh.get_group(layout.mesh_dim),
+                group=param.device_mesh.get_group(sharding.mesh_dim),
                 numel=param.numel(),
                 n=shape[-2] if param.dim() >= 2 else 1,
                 m=shape[-1] if param.dim() >= 1 else 1,
                 args=args,
+                layout=layout,
             )
         )
     return work
@@ -668,13 +706,13 @@ def _execute(work: list) -> None:
     """Run work items: local ones at once, sharded ones in two phases of batched sums."""
     steps: list[_ParamStep] = []
     for item in work:
-        if not isinstance(item, _ParamStep):
+        if isinstance(item, _LocalStep):
             item()
             continue
         item.state["step"] += 1
         if item.numel == 0:
             continue
-        dtype = compute_dtype(item.param.dtype)
+        dtype = item.layout.compute_dtype
         if item.grad.dtype != dtype:
             item.grad = item.grad.to(dtype)
         if item.args.maximize:

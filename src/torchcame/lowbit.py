@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "MOMENTUM_DTYPES",
-    "normalize_momentum_dtype",
+    "n_blocks",
     "quantize_blockwise",
     "dequantize_blockwise",
     "load_momentum",
@@ -35,29 +34,7 @@ __all__ = [
     "stochastic_round_",
 ]
 
-#: Accepted values of ``momentum_dtype`` (strings are accepted for the float dtypes too).
-MOMENTUM_DTYPES = ("float32", "bfloat16", "int8")
-
 _QMAX = 127.0
-
-
-def normalize_momentum_dtype(value: object) -> str:
-    """Map ``torch.float32``/``"float32"``/``torch.bfloat16``/``"bf16"``/``"int8"`` to a name.
-
-    Raises:
-        ValueError: for anything else (named in the message).
-    """
-    aliases = {
-        torch.float32: "float32", "float32": "float32", "fp32": "float32",
-        torch.bfloat16: "bfloat16", "bfloat16": "bfloat16", "bf16": "bfloat16",
-        torch.int8: "int8", "int8": "int8", "8bit": "int8",
-    }
-    try:
-        return aliases[value]  # type: ignore[index]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"Invalid momentum_dtype: {value!r}; expected torch.float32, torch.bfloat16 or 'int8'"
-        ) from None
 
 
 def _blocks(x: Tensor, block_size: int) -> Tensor:
@@ -93,31 +70,30 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, block_size: int) -> Tens
     return values.reshape(-1)[: codes.numel()].view(codes.shape)
 
 
-def load_momentum(state: dict, dtype: torch.dtype, block_size: int) -> Tensor:
+def load_momentum(state: dict, momentum: str, block_size: int, dtype: torch.dtype) -> Tensor:
     """The momentum ``m`` as a ``dtype`` tensor to compute with.
 
-    For float32/float64 storage this is the state tensor itself (updated in place); for
-    bf16 and int8 storage it is a new tensor to be written back by :func:`store_momentum_`.
+    ``momentum`` is the state's storage format (``StateLayout.momentum``). For ``"float32"``
+    (the compute dtype) this is the state tensor itself, updated in place; for ``"bfloat16"``
+    and ``"int8"`` a new tensor, to be written back by :func:`store_momentum_`.
     """
     exp_avg = state["exp_avg"]
-    if exp_avg.dtype == torch.int8:
+    if momentum == "int8":
         return dequantize_blockwise(exp_avg, state["exp_avg_absmax"], block_size).to(dtype)
-    if exp_avg.dtype != dtype:
+    if momentum == "bfloat16":
         return exp_avg.to(dtype)
     return exp_avg
 
 
-def store_momentum_(state: dict, momentum: Tensor, block_size: int) -> None:
-    """Write the float ``momentum`` back into the state's storage format (no-op if shared)."""
+def store_momentum_(state: dict, momentum_value: Tensor, momentum: str, block_size: int) -> None:
+    """Write the float ``momentum_value`` back into the state's storage format ``momentum``."""
     exp_avg = state["exp_avg"]
-    if momentum is exp_avg:
-        return
-    if exp_avg.dtype == torch.int8:
-        codes, absmax = quantize_blockwise(momentum, block_size)
+    if momentum == "int8":
+        codes, absmax = quantize_blockwise(momentum_value, block_size)
         exp_avg.copy_(codes)
         state["exp_avg_absmax"].copy_(absmax.view(state["exp_avg_absmax"].shape))
-    else:
-        exp_avg.copy_(momentum)
+    elif momentum_value is not exp_avg:
+        exp_avg.copy_(momentum_value)
 
 
 def stochastic_round_(dst: Tensor, src: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -6,14 +6,22 @@ exists at once: peak training memory drops by up to the size of the model's grad
 
 CAME's update of a tensor depends only on that tensor's gradient and state (its clipping is
 per tensor, unlike a global grad-norm clip), so this gives exactly the result of a normal
-``optimizer.step()`` with the same gradients.
+``optimizer.step()`` with the same gradients. It uses only the optimizer's public
+:meth:`torchcame.CAME.step_parameters`.
 
-Limits: one backward per step (no gradient accumulation over micro-batches: each backward
-would step), and no global gradient clipping (there is no moment when all gradients exist).
+The first backward after :func:`step_in_backward` checks every gradient before stepping any
+parameter (so a bad one — sparse, complex, of the wrong shape — raises before anything
+changes); from the second on, each parameter steps as its gradient arrives.
+
+Limits: one backward per step. Gradient accumulation over micro-batches is not possible (each
+backward steps every parameter): when ``optimizer.step()`` is called after more than one
+backward, a warning says so. No global gradient clipping (there is no moment when all
+gradients exist).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -25,8 +33,14 @@ __all__ = ["step_in_backward", "StepInBackwardHandle"]
 class StepInBackwardHandle:
     """Returned by :func:`step_in_backward`; ``remove()`` restores normal stepping."""
 
-    def __init__(self, handles: list[Any]) -> None:
-        self._handles = handles
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+        self._handles: list[Any] = []
+        self.validated = False  # the first backward checks every gradient first
+        self._first: list[Tensor] = []  # parameters whose gradient arrived in that backward
+        self._in_backward = False
+        self.backwards_since_step = 0
+        self._warned = False
 
     def remove(self) -> None:
         """Unregister every hook."""
@@ -39,6 +53,43 @@ class StepInBackwardHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+    # ------------------------------------------------------------------------------- hooks
+
+    def _on_grad(self, param: Tensor) -> None:
+        if not self._in_backward:  # once per backward: count it, and finish it at its end
+            self._in_backward = True
+            self.backwards_since_step += 1
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        if self.validated:
+            self.optimizer.step_parameters([param])
+            param.grad = None
+        else:
+            self._first.append(param)
+
+    def _end_of_backward(self) -> None:
+        self._in_backward = False
+        if not self.validated:
+            first, self._first = self._first, []
+            try:
+                self.optimizer.step_parameters(first)  # checks all, then steps
+            finally:
+                for param in first:
+                    param.grad = None
+            self.validated = True
+
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.backwards_since_step > 1 and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"torchcame.step_in_backward: {self.backwards_since_step} backward passes ran "
+                "since the last optimizer.step(); under step_in_backward every backward steps "
+                "the parameters, so gradients are not accumulated over micro-batches. Use a "
+                "normal optimizer.step() for gradient accumulation.",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.backwards_since_step = 0
 
 
 def step_in_backward(optimizer: torch.optim.Optimizer) -> StepInBackwardHandle:
@@ -60,32 +111,14 @@ def step_in_backward(optimizer: torch.optim.Optimizer) -> StepInBackwardHandle:
             scheduler.step()
         handle.remove()
     """
-    step_group = getattr(optimizer, "_step_group", None)
-    if step_group is None:
+    if not callable(getattr(optimizer, "step_parameters", None)):
         raise TypeError(
             f"step_in_backward needs a torchcame.CAME optimizer, got {type(optimizer).__name__}"
         )
-    handles = []
+    handle = StepInBackwardHandle(optimizer)
     for group in optimizer.param_groups:
         for param in group["params"]:
-            if not param.requires_grad:
-                continue
-            handles.append(param.register_post_accumulate_grad_hook(_make_hook(optimizer, group)))
-    return StepInBackwardHandle(handles)
-
-
-def _make_hook(optimizer: Any, group: dict[str, Any]):
-    def hook(param: Tensor) -> None:
-        with torch.no_grad():
-            grads = optimizer._gather({"params": [param]})[1]
-            if grads:
-                if group["skip_nonfinite"] and not bool(torch.isfinite(grads[0]).all()):
-                    group["skipped_steps"] += 1
-                else:
-                    optimizer._step_group(group, [param], grads)
-                    # what torch's LR schedulers check to tell "optimizer.step() ran" (they
-                    # would otherwise warn that scheduler.step() came before it)
-                    optimizer._opt_called = True
-        param.grad = None
-
-    return hook
+            if param.requires_grad:
+                handle._handles.append(param.register_post_accumulate_grad_hook(handle._on_grad))
+    handle._handles.append(optimizer.register_step_pre_hook(handle._before_step))
+    return handle
