@@ -168,6 +168,13 @@ class CAME(Optimizer):
             layout = cache[param] = layout_of(param, group)
         return layout
 
+    def _check_new_states(self, params: list[Tensor], layouts: list[StateLayout]) -> None:
+        """Raise for a parameter whose state cannot be created (a DTensor layout the step
+        does not support), before any state of any parameter is created."""
+        for p, layout in zip(params, layouts):
+            if distributed.is_dtensor(p) and not self.state.get(p):
+                distributed.check_layout(p, layout)
+
     def _states(self, params: list[Tensor], layouts: list[StateLayout]) -> list[dict]:
         """Each parameter's state, created (zero) where missing."""
         states = []
@@ -259,6 +266,7 @@ class CAME(Optimizer):
         for group, params in work:  # every check before any change
             params, grads = self._gather(params)
             layouts = self._layouts(index[id(group)], group, params)
+            self._check_new_states(params, layouts)
             prepared.append((group, params, grads, layouts))
         batch = any(distributed.is_dtensor(p) for _, params, _, _ in prepared for p in params)
         with distributed.batched_collectives() if batch else contextlib.nullcontext():
@@ -281,9 +289,14 @@ class CAME(Optimizer):
         lists every parameter's tensors (DTensors for FSDP2 parameters). Parameters that
         already have state, and those with ``requires_grad=False``, are left alone.
         """
+        todo = []
         for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.requires_grad]
-            self._states(params, self._layouts(index, group, params))
+            layouts = self._layouts(index, group, params)
+            self._check_new_states(params, layouts)
+            todo.append((params, layouts))
+        for params, layouts in todo:
+            self._states(params, layouts)
 
     # ----------------------------------------------------------------------------- state dict
 

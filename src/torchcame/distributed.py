@@ -71,6 +71,7 @@ from .state import init_state as init_local_state
 __all__ = [
     "UnsupportedShardingError",
     "is_dtensor",
+    "check_layout",
     "load_state_dtensor",
     "init_state_dtensor",
     "state_placements",
@@ -256,7 +257,7 @@ def init_state_dtensor(param: Tensor, layout: StateLayout) -> dict[str, Tensor]:
     1-D scales, viewed 2-D).
     """
     check_param(param)
-    _check_local_layout(param, layout)
+    check_layout(param, layout)
     local = param.to_local()
     local_state = init_local_state(local, layout)
     global_shapes = {k: torch.Size(v) for k, v in state_shapes(param.shape, layout).items()}
@@ -272,8 +273,9 @@ def init_state_dtensor(param: Tensor, layout: StateLayout) -> dict[str, Tensor]:
     return out
 
 
-def _check_local_layout(param: Tensor, layout: StateLayout) -> None:
-    """Raise for a layout the DTensor step cannot run, before any state exists."""
+def check_layout(param: Tensor, layout: StateLayout) -> None:
+    """Raise for a layout the DTensor step of ``param`` cannot run (call before any state
+    exists: ``CAME`` checks every parameter before creating any state)."""
     if layout.moved(param.dim()):
         raise NotImplementedError(
             "factor_dims other than 'last_two' is not supported for DTensor (FSDP2) "
@@ -353,7 +355,7 @@ def load_state_dtensor(param: Tensor, entry: dict[str, Any],
     A plain tensor of the global shape (a single-process checkpoint) is cut to this rank's
     shard without communication; a DTensor is redistributed to the step's placements.
     """
-    _check_local_layout(param, layout)  # before any change
+    check_layout(param, layout)  # before any change
     out: dict[str, Tensor] = {"step": entry["step"]}
     for key, value in entry.items():
         if key != "step":
@@ -661,7 +663,7 @@ def _prepare(
             work.append(_LocalStep(param, grad, state, args, layout))
             continue
         check_param(param)
-        _check_local_layout(param, layout)
+        check_layout(param, layout)
         sharding = _layout(param)
         if not _is_dtensor(grad):
             raise TypeError(
