@@ -21,12 +21,13 @@ import json
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from torchcame.bench.timing import timed
 
 
 def _free_port() -> int:
@@ -45,9 +46,7 @@ def _count(fn) -> tuple[int, int, float]:
 
     dist.all_reduce = counting
     try:
-        start = time.perf_counter()
-        fn()
-        seconds = time.perf_counter() - start
+        seconds = timed(fn)
     finally:
         dist.all_reduce = original
     return len(calls), sum(calls), seconds

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from torchcame import CAME, step_in_backward
+from torchcame.bench.timing import interleaved_times, median_ratios, median_times
 from torchcame.lowbit import dequantize_blockwise, quantize_blockwise
 from torchcame.memory import MB, measure_step_memory, optimizer_state_bytes
 from torchcame.recipes.report import machine_info, mean_std, write_json
@@ -156,7 +157,7 @@ def _kernel_workspace(opt, cfg: dict) -> int:
     of the ``threads`` largest (small tensors are stepped concurrently)."""
     if not cfg.get("fused"):
         return 0
-    from torchcame._impl.fused import kernel_workspace_bytes
+    from torchcame._impl.fused import kernel_workspace_bytes  # the kernel's scratch bound
 
     block = opt.param_groups[0]["quantization_block_size"]
     sizes = sorted((kernel_workspace_bytes(
@@ -399,18 +400,14 @@ def part_speed(rounds: int) -> dict:
         opt.step()  # state, kernel build, warm caches
         setups[name] = opt
     del grads32
-    times: dict[str, list[float]] = {name: [] for name in setups}
-    for _ in tqdm(range(rounds), desc="step speed (rounds)"):
-        for name, opt in setups.items():
-            start = time.perf_counter()
-            opt.step()
-            times[name].append(time.perf_counter() - start)
-    base = "AdamW fused, fp32 weights"
-    rows = []
-    for name in setups:
-        ratios = sorted(t / b for t, b in zip(times[name], times[base]))
-        rows.append({"config": name, "median_seconds": sorted(times[name])[rounds // 2],
-                     "ratio_to_fused_adamw": ratios[rounds // 2], "times": times[name]})
+    bar = tqdm(total=rounds * len(setups), desc="step speed (steps)")
+    times = interleaved_times({name: opt.step for name, opt in setups.items()}, rounds,
+                              on_step=lambda: bar.update(1))
+    bar.close()
+    ratios = median_ratios(times, "AdamW fused, fp32 weights")
+    seconds = median_times(times)
+    rows = [{"config": name, "median_seconds": seconds[name],
+             "ratio_to_fused_adamw": ratios[name], "times": times[name]} for name in setups]
     return {"rounds": rounds, "threads": torch.get_num_threads(), "rows": rows}
 
 

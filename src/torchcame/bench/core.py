@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from .shapes import describe, param_shapes
+from .timing import interleaved_times, median_ratios, timed
 
 __all__ = ["Candidate", "candidates", "run_set", "run_bench", "format_table", "BYTES_PER_ELEMENT"]
 
@@ -98,11 +99,13 @@ def candidates(device: torch.device, with_compile: bool = False) -> list[Candida
 
 
 def _compiled_came(lr: float) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
-    """A CAME whose step goes through :func:`torchcame._impl.fused.step_compiled`."""
+    """A CAME whose step goes through :func:`torchcame._impl.compiled.step_compiled` (the
+    CUDA fallback of ``fused=True``), here on any device."""
     from torchcame import CAME
-    from torchcame._impl.common import StepArgs
-    from torchcame._impl.fused import step_compiled
+    from torchcame._impl.compiled import step_compiled
     from torchcame.functional import init_state
+    from torchcame.options import StepArgs
+    from torchcame.state import layout_of
 
     class CompiledCAME(CAME):
         @torch.no_grad()
@@ -114,25 +117,14 @@ def _compiled_came(lr: float) -> Callable[[list[torch.Tensor]], torch.optim.Opti
                     if not self.state[p]:
                         self.state[p].update(init_state(p))
                     states.append(self.state[p])
+                    self.state[p]["step"] += 1
                 args = StepArgs(lr=torch.tensor(group["lr"]), betas=group["betas"],
                                 eps=group["eps"], clip_threshold=group["clip_threshold"],
                                 weight_decay=group["weight_decay"], maximize=group["maximize"])
-                step_compiled(params, [p.grad for p in params], states, args)
+                layouts = [layout_of(p, group) for p in params]
+                step_compiled(params, [p.grad for p in params], states, args, layouts)
 
     return lambda ps: CompiledCAME(ps, lr=lr)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -194,7 +186,7 @@ def run_set(
     first: dict[str, float] = {}
     for cand in cands:
         opt = cand.make(params)
-        first[cand.name] = _timed(opt.step, device)
+        first[cand.name] = timed(opt.step, device)
         bar.update(1)
         for _ in range(warmup):
             opt.step()
@@ -211,22 +203,15 @@ def run_set(
             memory[cand.name] = _extra_step_bytes(opts[cand.name], device)
         bar.update(1)
 
-    items = [c.name for c in cands] + ["copy"]
-    times: dict[str, list[float]] = {name: [] for name in items}
-    for r in range(rounds):
-        order = items[r % len(items):] + items[: r % len(items)]
-        for name in order:
-            if name == "copy":
-                times[name].append(_timed(lambda: copy_dst.copy_(copy_src), device))
-            else:
-                times[name].append(_timed(opts[name].step, device))
-            bar.update(1)
+    steps = {c.name: opts[c.name].step for c in cands}
+    steps["copy"] = lambda: copy_dst.copy_(copy_src)
+    times = interleaved_times(steps, rounds, device, on_step=lambda: bar.update(1))
     bar.close()
 
     copy_s = statistics.median(times["copy"])
     bandwidth = copy_bytes / copy_s
     element_size = params[0].element_size()
-    adamw = times["AdamW fused"]
+    ratios = median_ratios(times, "AdamW fused")
     adamw_state = _state_bytes(opts["AdamW fused"])
     rows = []
     for cand in cands:
@@ -239,8 +224,7 @@ def run_set(
             "name": cand.name,
             "note": cand.note,
             "median_step_s": statistics.median(t),
-            "ratio_to_adamw_fused": statistics.median(a / b for a, b in zip(t, adamw,
-                                                                            strict=True)),
+            "ratio_to_adamw_fused": ratios[cand.name],
             "floor_bytes": floor_bytes,
             "floor_s": floor_s,
             "ratio_to_floor": statistics.median(t) / floor_s,

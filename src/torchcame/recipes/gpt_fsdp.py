@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model(args: argparse.Namespace):
+def model_from_args(args: argparse.Namespace):
     from .train import LMConfig, build_model
 
     cfg = LMConfig(task="gpt", n_layer=args.n_layer, d_model=args.d_model, n_head=args.n_head,
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx = init_distributed(args.device)
     try:
-        model = _model(args).to(ctx.device)
+        model = model_from_args(args).to(ctx.device)
         model = shard_model(model, model.transformer.h, ctx, fsdp=args.fsdp,
                             param_dtype=torch.bfloat16 if args.bf16 else None)
         optim = CAME(_param_groups(model, args.weight_decay), lr=args.lr)

@@ -1,7 +1,8 @@
 """How much CAME and AdamW trajectories amplify a rounding difference (single process).
 
-Command: ``OMP_NUM_THREADS=1 python benchmarks/results/distributed/rounding_sensitivity.py``
-(output: ``rounding_sensitivity.txt`` beside it). The tiny GPT of ``gpt_fsdp.py`` is trained
+Command: ``OMP_NUM_THREADS=1 python benchmarks/rounding_sensitivity.py >
+benchmarks/results/distributed/rounding_sensitivity.txt``. The tiny GPT of ``gpt_fsdp.py`` is
+trained
 12 steps twice on the same batches, once with the batch whole and once as two accumulated
 micro-batches (the gradients then differ only in summation order); printed is the relative
 loss difference per step. No distribution is involved.
@@ -11,7 +12,7 @@ import torch
 
 from torchcame import CAME
 from torchcame.recipes.data import BatchSampler, load_corpus
-from torchcame.recipes.gpt_fsdp import _model, build_parser
+from torchcame.recipes.gpt_fsdp import build_parser, model_from_args
 
 torch.set_num_threads(1)
 args = build_parser().parse_args([])
@@ -19,7 +20,7 @@ corpus = load_corpus(None, max_bytes=2_000_000)
 
 
 def run(opt_name: str, split: int, clip: bool) -> list[float]:
-    model = _model(args)
+    model = model_from_args(args)
     params = list(model.parameters())
     opt = CAME(params, lr=2e-3) if opt_name == "came" else torch.optim.AdamW(params, lr=2e-3)
     sampler = BatchSampler(corpus.train, 8, 65, seed=0)
