@@ -588,13 +588,8 @@ def _role(layout: _Layout, ndim: int) -> str:
     return "rows" if layout.tensor_dim == ndim - 2 else "cols"
 
 
-def step_dtensor(
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict],
-    args: StepArgs,
-    layouts: list[StateLayout],
-) -> None:
+def step_dtensor(params: list[Tensor], grads: list[Tensor], states: list[dict],
+                 args: StepArgs, layouts: list[StateLayout]) -> None:
     """One CAME step for a param group holding DTensor (and possibly plain) parameters.
 
     The result equals a single process stepping the full tensors (up to float rounding of the

@@ -65,13 +65,8 @@ def group_tensors(
     return groups
 
 
-def step_multi_tensor(
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict],
-    args: StepArgs,
-    layouts: list[StateLayout],
-) -> None:
+def step_multi_tensor(params: list[Tensor], grads: list[Tensor], states: list[dict],
+                      args: StepArgs, layouts: list[StateLayout]) -> None:
     """Apply one CAME step to every ``(param, grad, state)``, in place, group by group.
 
     ``state["step"]`` has already been counted for this step by the caller.
@@ -145,9 +140,20 @@ def _bias_correct(updates: list[Tensor], states: list[dict], args: StepArgs, fac
     torch._foreach_mul_(updates, scales)
 
 
+def _clip_and_momentum_(updates: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                        states: list[dict], args: StepArgs, factored: bool) -> None:
+    """``updates`` hold ``1 / sqrt(v_hat)``: u = that * g (bias-corrected if asked), clipped by
+    its RMS (step 4), then the momentum m = EMA(u_hat) (step 5)."""
+    torch._foreach_mul_(updates, grads)
+    if args.bias_correction:
+        _bias_correct(updates, states, args, factored, 0)
+    clip_foreach_(updates, args.clip_threshold)
+    ema_foreach_(exp_avgs, updates, args.betas[0])
+
+
 def _step_factored(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                    states: list[dict], moved: list[bool], args: StepArgs) -> None:
-    beta1, beta2, beta3 = args.betas
+    _, beta2, beta3 = args.betas
     eps1, eps2 = args.eps
 
     # 1-3. G = g^2 + eps1; r, c = EMA of its row/col means; u = g / sqrt(v_hat)
@@ -160,13 +166,7 @@ def _step_factored(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Ten
     for i, (row, col) in enumerate(zip(rows, cols)):
         # a moved tensor's G is strided; u is a fresh contiguous tensor, as in the reference
         updates[i] = approx_rsqrt(row, col, out=None if moved[i] else updates[i])
-    torch._foreach_mul_(updates, grads)
-    if args.bias_correction:
-        _bias_correct(updates, states, args, True, 0)
-
-    # 4-5. clip by RMS, momentum
-    clip_foreach_(updates, args.clip_threshold)
-    ema_foreach_(exp_avgs, updates, beta1)
+    _clip_and_momentum_(updates, grads, exp_avgs, states, args, True)  # steps 3-5
 
     # 6-8. U = (u_hat - m)^2 + eps2; R, C = EMA of its row/col means; delta = m / sqrt(S_hat)
     torch._foreach_sub_(updates, exp_avgs)
@@ -188,8 +188,8 @@ def _step_factored(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Ten
 
 def _step_full(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                states: list[dict], args: StepArgs) -> None:
-    beta1, beta2, _ = args.betas
-    eps1, _ = args.eps
+    beta2 = args.betas[1]
+    eps1 = args.eps[0]
     exp_avg_sqs = [s["exp_avg_sq"] for s in states]
 
     # 1-3. v = EMA(g^2 + eps1); u = g / sqrt(v)
@@ -198,14 +198,8 @@ def _step_full(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
     ema_foreach_(exp_avg_sqs, updates, beta2)
     torch._foreach_copy_(updates, exp_avg_sqs)
     torch._foreach_rsqrt_(updates)
-    torch._foreach_mul_(updates, grads)
-    if args.bias_correction:
-        _bias_correct(updates, states, args, False, 0)
-
-    # 4-5. clip by RMS, momentum; vectors take delta = m
-    clip_foreach_(updates, args.clip_threshold)
-    ema_foreach_(exp_avgs, updates, beta1)
-    torch._foreach_copy_(updates, exp_avgs)
+    _clip_and_momentum_(updates, grads, exp_avgs, states, args, False)  # steps 3-5
+    torch._foreach_copy_(updates, exp_avgs)  # vectors take delta = m
     if args.bias_correction:
         _bias_correct(updates, states, args, False, 1)
 

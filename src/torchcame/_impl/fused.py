@@ -44,13 +44,8 @@ def kernel_available() -> bool:
     return load_kernel() is not None
 
 
-def step_fused(
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict],
-    args: StepArgs,
-    layouts: list[StateLayout],
-) -> None:
+def step_fused(params: list[Tensor], grads: list[Tensor], states: list[dict],
+               args: StepArgs, layouts: list[StateLayout]) -> None:
     """Apply one CAME step to every ``(param, grad, state)``, in place, with fused kernels.
 
     ``state["step"]`` has already been counted for this step by the caller.

@@ -24,13 +24,8 @@ from ..state import StateLayout
 __all__ = ["step_single_tensor"]
 
 
-def step_single_tensor(
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict],
-    args: StepArgs,
-    layouts: list[StateLayout],
-) -> None:
+def step_single_tensor(params: list[Tensor], grads: list[Tensor], states: list[dict],
+                       args: StepArgs, layouts: list[StateLayout]) -> None:
     """Apply one CAME step to each ``(param, grad, state)``, in place.
 
     ``state["step"]`` has already been counted for this step by the caller.
