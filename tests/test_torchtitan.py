@@ -14,6 +14,7 @@ rank, ``OMP_NUM_THREADS=1``:
   CAME amplifies such differences over steps (docs/distributed.md);
 - 2 ranks resumed (a fresh ``Trainer``) from torchtitan's DCP checkpoint of step 3: steps 4-6,
   the final parameters and the optimizer state bitwise equal to the straight run;
+- 2 ranks with ``momentum_dtype="int8"`` against 1 rank with it (``INT8_*`` tolerances);
 - 4 ranks, FSDP2 + TP on a 2x2 mesh, against 1 rank (same tolerances).
 
 The CPU shim lives here, never in the library: torchtitan 0.3 targets CUDA and a newer torch,
@@ -54,6 +55,7 @@ GLOBAL_BATCH = 4  # sequences per step, split over the data-parallel ranks
 LR = 1e-3
 LOSS_RTOL = 1e-5  # per-step loss, relative, float32 reduction-order changes
 PARAM_RTOL = 1e-4  # final parameters, max|a - b| <= PARAM_RTOL * max|b| per tensor
+INT8_LOSS_RTOL, INT8_PARAM_RTOL = 1e-3, 1e-2  # int8 momentum (test_distributed.py's 1e-2)
 TIMEOUT = 300  # seconds per launch
 
 
@@ -308,7 +310,7 @@ def _loader_cls():
 
 
 def trainer_config(world: int, tp: int, out: Path, checkpoint: bool = False,
-                   load_step: int = -1):
+                   load_step: int = -1, **came_kwargs):
     """A tiny Llama 3 with CAME: torchtitan's debug config, 2 layers, float32, no AC."""
     from torchtitan.components.checkpoint import CheckpointManager
     from torchtitan.components.metrics import MetricsProcessor
@@ -326,7 +328,8 @@ def trainer_config(world: int, tp: int, out: Path, checkpoint: bool = False,
     config.model_spec = spec
     config.hf_assets_path = str(out.parent / "tokenizer")
     config.dump_folder = str(out)
-    config.optimizer = default_came(lr=LR, weight_decay=0.1, implementation="for-loop")
+    config.optimizer = default_came(lr=LR, weight_decay=0.1, implementation="for-loop",
+                                    **came_kwargs)
     config.lr_scheduler = LRSchedulersContainer.Config(warmup_steps=1)
     config.training = TrainingConfig(local_batch_size=GLOBAL_BATCH // (world // tp),
                                      seq_len=SEQ_LEN, steps=STEPS,
@@ -408,17 +411,20 @@ def worker(rank: int, world: int, tp: int, port: int, out: Path, mode: str) -> N
     from torch.distributed.tensor import distribute_tensor
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    init = out / "init.pt"
+
+    def start_from_init(trainer) -> None:  # the same initial weights in every layout
+        weights = torch.load(init)
+        with torch.no_grad():
+            for n, p in trainer.model_parts[0].named_parameters():
+                p.copy_(distribute_tensor(weights[n], p.device_mesh, p.placements))
+
     try:
         trainer = trainer_config(world, tp, out / mode, checkpoint=mode == "fsdp").build()
         model = trainer.model_parts[0]
-        init = out / "init.pt"
         if mode == "single":
             torch.save({n: full(p) for n, p in model.named_parameters()}, init)
-        else:  # the same initial weights in every layout
-            weights = torch.load(init)
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    p.copy_(distribute_tensor(weights[n], p.device_mesh, p.placements))
+        start_from_init(trainer)
         result = {"placements": {n: str(getattr(p, "placements", None))
                                  for n, p in model.named_parameters()},
                   "fresh_state": _fresh_state_check(trainer)}
@@ -427,6 +433,11 @@ def worker(rank: int, world: int, tp: int, port: int, out: Path, mode: str) -> N
             trainer = trainer_config(world, tp, out / mode, checkpoint=True,
                                      load_step=CKPT_STEP).build()
             _train_and_save(trainer, out / "resume", rank, {})
+        if mode in ("single", "fsdp"):  # int8 momentum, as a TOML config would give it
+            trainer = trainer_config(world, tp, out / f"{mode}_int8",
+                                     momentum_dtype="int8").build()
+            start_from_init(trainer)
+            _train_and_save(trainer, out / f"{mode}_int8", rank, {})
     finally:
         dist.destroy_process_group()
 
@@ -520,6 +531,25 @@ def test_torchtitan_checkpoint_resume_is_bitwise(runs) -> None:
         for key, value in entry.items():
             assert torch.equal(resumed_final["state"][name][key], value), (name, key)
         assert int(entry["step"]) == STEPS
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_torchtitan_int8_momentum_2_ranks_equals_1_rank(runs) -> None:
+    """``momentum_dtype="int8"`` in ``optimizer_kwargs`` (a string, as from a TOML config):
+    every matrix keeps int8 codes (its FSDP2 row slices hold whole 256-element blocks), and
+    the 2-rank run follows 1 rank within the long-run int8 tolerance of
+    test_distributed.py (a split sum can move a code by one; CAME amplifies such flips)."""
+    ref, ref_final = _result(runs, "single_int8")
+    got, got_final = _result(runs, "fsdp_int8")
+    for name, value in ref_final["params"].items():
+        dtype = torch.int8 if value.dim() == 2 else torch.float32
+        assert ref_final["state"][name]["exp_avg"].dtype == dtype, name
+        assert got_final["state"][name]["exp_avg"].dtype == dtype, name
+        err = (got_final["params"][name] - value).abs().max()
+        assert err <= INT8_PARAM_RTOL * value.abs().max(), (name, float(err))
+    for step, loss in ref["losses"].items():
+        assert abs(got["losses"][step] - loss) <= INT8_LOSS_RTOL * abs(loss), (step, got, ref)
 
 
 @pytest.mark.distributed
