@@ -32,6 +32,7 @@ Worker: ``python tests/test_torchtitan.py --rank R --world-size W --tp T --port 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import socket
@@ -112,10 +113,9 @@ def test_factory_builds_came_from_optimizer_kwargs() -> None:
 @pytest.mark.parametrize("implementation,fused,foreach",
                          [("fused", True, False), ("foreach", False, True)])
 def test_implementation_sets_came_flags(implementation, fused, foreach) -> None:
-    model, container = _container(implementation)
+    _, container = _container(implementation)
     for group in container.optimizers[0].param_groups:
         assert (group["fused"], group["foreach"]) == (fused, foreach)
-    _train(model, container, 1)
 
 
 def test_other_optimizers_and_errors() -> None:
@@ -384,10 +384,30 @@ def _train_and_save(trainer, run: Path, rank: int, result: dict) -> None:
         return log(step, loss, *args, **kwargs)
 
     trainer.metrics_processor.log = record
+    all_reduces = []  # per optimizer step
+    step = trainer.optimizers.step
+
+    def counting_step(*args, **kwargs):
+        calls = []
+        original = dist.all_reduce
+
+        def all_reduce(tensor, *a, **k):
+            calls.append(tensor.numel())
+            return original(tensor, *a, **k)
+
+        dist.all_reduce = all_reduce
+        try:
+            return step(*args, **kwargs)
+        finally:
+            dist.all_reduce = original
+            all_reduces.append(len(calls))
+
+    trainer.optimizers.step = counting_step
     start = time.perf_counter()
     trainer.train()
     result["seconds"] = time.perf_counter() - start
     result["losses"] = losses
+    result["all_reduces"] = all_reduces
     params = {n: full(p) for n, p in model.named_parameters()}
     state = {n: {k: full(v) for k, v in trainer.optimizers.optimizers[0].state[p].items()}
              for n, p in model.named_parameters()}
@@ -479,6 +499,8 @@ def launch(world: int, tp: int, out: Path, mode: str) -> None:
 def runs(tmp_path_factory) -> Path:
     """1 rank (the reference; saves the initial weights), then 2 ranks (save a checkpoint at
     step 3, then resume from it)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("torchtitan's models import triton, which is not installed")
     root = tmp_path_factory.mktemp("torchtitan")
     train_tokenizer(root / "tokenizer")
     launch(1, 1, root, "single")
