@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_distributed import (  # noqa: E402 - the shared model, data and reference run
     HYPER,
     STEPS,
+    _count_all_reduces,
     _free_port,
     assert_close_rel,
     local_batch,
@@ -73,11 +74,14 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
     result = {"distributed_type_before": before, "is_fsdp2": accelerator.is_fsdp2,
               "placements": {n: str(getattr(p, "placements", None))
                              for n, p in model.named_parameters()}}
+    all_reduces = []
     for step in range(STEPS):
         idx, target = local_batch(step, rank, world)
         accelerator.backward(loss_fn(model, idx, target))
-        optim.step()
+        count, _ = _count_all_reduces(optim.step)
+        all_reduces.append(count)
         optim.zero_grad()
+    result["all_reduces"] = all_reduces
     result["is_fsdp2_after_training"] = accelerator.is_fsdp2
     result.update(snapshot(model, optim.optimizer))
     if rank == 0:
@@ -119,6 +123,7 @@ def test_accelerate_fsdp2_equals_single_process(run) -> None:
     assert run["distributed_type_before"] == "DistributedType.MULTI_CPU"
     assert run["is_fsdp2"] and run["is_fsdp2_after_training"]
     assert set(run["placements"].values()) == {"(Shard(dim=0),)"}
+    assert run["all_reduces"] == [2] * STEPS  # CAME's, per step, as with plain FSDP2
     reference = reference_run(STEPS)
     assert_close_rel(run["params"], reference["params"])
     assert_close_rel(run["state"], reference["state"])

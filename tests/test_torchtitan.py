@@ -518,6 +518,8 @@ def _assert_matches_single(root: Path, mode: str) -> None:
     got, got_final = _result(root, mode)
     assert ref["fresh_state"] == "" and got["fresh_state"] == "", (ref, got)
     assert sorted(got["losses"], key=int) == [str(s) for s in range(1, STEPS + 1)]
+    # CAME's collectives: 2 all-reduces per optimizer step (FSDP2's own are not all-reduces)
+    assert got["all_reduces"] == [2] * STEPS
     for step, loss in ref["losses"].items():
         assert abs(got["losses"][step] - loss) <= LOSS_RTOL * abs(loss), (step, got, ref)
     for name, value in ref_final["params"].items():
@@ -564,6 +566,7 @@ def test_torchtitan_int8_momentum_2_ranks_equals_1_rank(runs) -> None:
     test_distributed.py (a split sum can move a code by one; CAME amplifies such flips)."""
     ref, ref_final = _result(runs, "single_int8")
     got, got_final = _result(runs, "fsdp_int8")
+    assert got["all_reduces"] == [2] * STEPS
     for name, value in ref_final["params"].items():
         dtype = torch.int8 if value.dim() == 2 else torch.float32
         assert ref_final["state"][name]["exp_avg"].dtype == dtype, name
