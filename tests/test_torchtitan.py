@@ -91,6 +91,23 @@ def _train(model: nn.Module, container, steps: int) -> None:
         container.zero_grad()
 
 
+def test_torchtitan_is_imported_only_on_request() -> None:
+    """Nothing the package imports on its own imports the torchtitan module (static check)."""
+    import ast
+
+    import torchcame
+
+    root = Path(torchcame.__file__).parent
+    for path in root.rglob("*.py"):
+        if path.name == "torchtitan.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [f"{node.module or ''}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) else [])
+            assert not any("torchtitan" in n for n in names), (path, names)
+
+
 def test_factory_builds_came_from_optimizer_kwargs() -> None:
     from torchcame import CAME
 

@@ -1,8 +1,10 @@
-"""Integrations: parameter groups, Hugging Face ``transformers.Trainer``, Accelerate.
+"""Integrations: parameter groups, Hugging Face ``transformers.Trainer``, Accelerate, torchtitan.
 
 ``param_groups`` needs only torch. The Trainer helpers live in
 :mod:`torchcame.integrations.transformers` and import nothing from ``transformers`` (they read
-``TrainingArguments`` attributes), so importing this package never requires it.
+``TrainingArguments`` attributes), so importing this package never requires it. The torchtitan
+optimizer container is in :mod:`torchcame.integrations.torchtitan`, which this package does
+not import (it needs torchtitan: ``pip install 'torchcame[torchtitan]'``).
 See ``docs/integrations.md``.
 """
 
