@@ -187,7 +187,7 @@ class Setting:
         from torchcame.recipes.train import LMConfig
 
         return LMConfig(
-            task="gpt" if self.task == "llama" else self.task,
+            task=self.task,
             **MODELS[self.model],
             batch_size=self.batch_size,
             steps=self.steps,
@@ -234,10 +234,18 @@ def _downsample(xs: Sequence[float], ys: Sequence[float], points: int = 200):
 class Study:
     """Trains runs on demand and caches each one as a JSON file (see the module docstring)."""
 
-    def __init__(self, root: Path = RESULTS, *, progress: bool = True, quick: bool = False):
+    def __init__(
+        self,
+        root: Path = RESULTS,
+        *,
+        progress: bool = True,
+        quick: bool = False,
+        eval_windows: int = EVAL_WINDOWS,
+    ):
         self.root = Path(root)
         self.progress = progress
         self.quick = quick
+        self.eval_windows = eval_windows
         self._corpora: dict[Any, Any] = {}
         self._eval: dict[Any, Any] = {}
         self.trained = 0  # runs actually trained (not read from the cache) by this object
@@ -262,10 +270,10 @@ class Study:
         key = (setting.task, setting.model, corpus_name, setting.max_bytes)
         if key not in self._eval:
             cfg = replace(setting, batch_size=BASE_BATCH).lm_config("adamw", 1e-3)
-            cfg.batch_size = min(BASE_BATCH, EVAL_WINDOWS)
+            cfg.batch_size = min(BASE_BATCH, self.eval_windows)
             task = _Task(cfg, 0)
             corpus = self.corpus(corpus_name, setting.max_bytes)
-            n = EVAL_WINDOWS // cfg.batch_size
+            n = max(1, self.eval_windows // cfg.batch_size)
             self._eval[key] = (task.fixed(corpus.train, n), task.fixed(corpus.val, n))
         return self._eval[key]
 
@@ -279,6 +287,8 @@ class Study:
             "extra": extra or {},
             "code_version": CODE_VERSION,
         }
+        if self.eval_windows != EVAL_WINDOWS:
+            ident["eval_windows"] = self.eval_windows
         digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
         name = f"{optimizer}_lr{hyper['lr']:.3g}_s{seed}_{digest}.json"
         return self.root / "runs" / setting.experiment / setting.slug / name
@@ -291,30 +301,84 @@ class Study:
         seed: int,
         *,
         hyper: dict[str, Any] | None = None,
+        corpus: str = "stdlib",
+        init: tuple[str, dict] | None = None,
+        extra_evals: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        """One run: read from the cache, or trained and cached."""
+        """One run: read from the cache, or trained and cached.
+
+        Args:
+            hyper: hyperparameter overrides of the optimizer variant.
+            corpus: ``"stdlib"`` (the default corpus) or ``"topics"`` (pydoc help topics).
+            init: ``(id, state dict)`` of the weights to start from (fine-tuning); the id
+                enters the cache key.
+            extra_evals: ``{name: corpus}``: the validation windows of another corpus,
+                evaluated at the end and recorded as ``<name>_val_loss``.
+        """
         from torchcame.recipes.train import run_one
 
         cfg = setting.lm_config(optimizer, lr, hyper)
         full_hyper = cfg.hyper_of(optimizer)
-        path = self.run_path(setting, optimizer, full_hyper, seed)
+        extra = {"corpus": corpus, "init": init[0] if init else None, "evals": extra_evals}
+        if extra == {"corpus": "stdlib", "init": None, "evals": None}:
+            extra = None  # the key of a plain run
+        path = self.run_path(setting, optimizer, full_hyper, seed, extra)
         if path.exists():
             return json.loads(path.read_text())
-        corpus = self.corpus("stdlib", setting.max_bytes)
         _log(f"{setting.experiment} {setting.slug}: {optimizer} lr={lr:g} seed={seed}")
+        evals = {
+            name: self.eval_sets(setting, other)[1] for name, other in (extra_evals or {}).items()
+        }
         run = run_one(
             cfg,
-            corpus,
+            self.corpus(corpus, setting.max_bytes),
+            optimizer,
+            seed,
+            lr=lr,
+            progress=self.progress,
+            eval_sets=self.eval_sets(setting, corpus),
+            init_state=init[1] if init else None,
+            extra_evals=evals,
+        )
+        self.trained += 1
+        record = self._record(setting, cfg, run)
+        for name in evals:
+            record[f"{name}_val_loss"] = run[f"final_{name}_loss"]
+        _write_atomic(path, record)
+        return record
+
+    def pretrained(self, setting: Setting, optimizer: str, lr: float, seed: int = 0):
+        """``(id, state dict)`` of a model trained on the default corpus by ``setting``.
+
+        The run is cached like any other (JSON, listed in claims.json); its weights in
+        ``<results>/cache/`` (not committed: rerun to rebuild them, deterministically).
+        """
+        import torch
+
+        from torchcame.recipes.train import run_one
+
+        cfg = setting.lm_config(optimizer, lr)
+        path = self.run_path(setting, optimizer, cfg.hyper_of(optimizer), seed)
+        weights = self.root / "cache" / (path.stem + ".pt")
+        if path.exists() and weights.exists():
+            return path.stem, torch.load(weights, weights_only=True)
+        _log(f"{setting.experiment} {setting.slug}: pretraining, {optimizer} lr={lr:g}")
+        run = run_one(
+            cfg,
+            self.corpus("stdlib", setting.max_bytes),
             optimizer,
             seed,
             lr=lr,
             progress=self.progress,
             eval_sets=self.eval_sets(setting),
+            keep_model=True,
         )
         self.trained += 1
-        record = self._record(setting, cfg, run)
-        _write_atomic(path, record)
-        return record
+        state = {k: v.detach().clone() for k, v in run.pop("model").state_dict().items()}
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, weights)
+        _write_atomic(path, self._record(setting, cfg, run))
+        return path.stem, state
 
     def _record(self, setting: Setting, cfg, run: dict[str, Any]) -> dict[str, Any]:
         h = run["history"]
@@ -345,9 +409,7 @@ class Study:
         }
 
     # sweeps -------------------------------------------------------------------------------
-    def sweep(
-        self, setting: Setting, optimizer: str, center_lr: float, **kw: Any
-    ) -> SweepResult:
+    def sweep(self, setting: Setting, optimizer: str, center_lr: float, **kw: Any) -> SweepResult:
         def train(lr: float, seed: int) -> float:
             return self.train(setting, optimizer, lr, seed, **kw)["final_val_loss"]
 
@@ -387,6 +449,7 @@ class Horizon:
     lengths: tuple[int, ...]
     optimizers: tuple[str, ...]
     batch_size: int = BASE_BATCH
+    evals: int = 10
 
 
 HORIZONS = {
@@ -410,7 +473,10 @@ HORIZONS = {
     ),
 }
 
-QUICK_HORIZON = dict(model="quick", lengths=(8, 24))
+#: --quick: the machinery on a tiny model (the AdamW pair included, so the β2 choice runs)
+QUICK_HORIZON = dict(
+    model="quick", lengths=(4, 12), optimizers=("came", "adamw", "adamw-b95"), evals=2
+)
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -422,7 +488,9 @@ def run_horizon(study: Study, h: Horizon, *, max_bytes: int = 8_000_000) -> dict
     """Sweep every optimizer at every length, shortest first; returns {(steps, opt): result}."""
     results: dict[tuple[int, str], SweepResult] = {}
     for i, steps in enumerate(h.lengths):
-        setting = Setting(h.name, h.task, h.model, steps, h.batch_size, max_bytes=max_bytes)
+        setting = Setting(
+            h.name, h.task, h.model, steps, h.batch_size, evals=h.evals, max_bytes=max_bytes
+        )
         optimizers = list(h.optimizers)
         if i > 0 and all((h.lengths[i - 1], o) in results for o in ADAMW_PAIR):
             prev = {o: results[(h.lengths[i - 1], o)] for o in ADAMW_PAIR}
@@ -461,16 +529,31 @@ def run_large(study: Study, *, quick: bool = False, max_bytes: int = 8_000_000) 
 
 # fine-tuning ------------------------------------------------------------------------------
 
-FINETUNE_PRETRAIN_STEPS = 2000
+#: a LlamaForCausalLM (demo shape: 2 layers, d 128, 4 heads, SwiGLU 344) pretrained on the
+#: default corpus (Python source) with AdamW, then fine-tuned on English prose (the pydoc help
+#: topics) with each optimizer; held-out loss on both domains
+FINETUNE_PRETRAIN = {"steps": 2000, "optimizer": "adamw", "lr": 2e-3}
 FINETUNE_STEPS = 300
 FINETUNE_OPTIMIZERS = ("came", "adamw")
+FINETUNE_START_LR = {"came": 1e-4, "adamw": 1e-3}
 
 
 def run_finetune(study: Study, *, quick: bool = False, max_bytes: int = 8_000_000) -> dict:
-    from torchcame.recipes.finetune import FinetuneSpec, finetune_sweep
-
-    spec = FinetuneSpec.quick() if quick else FinetuneSpec()
-    return finetune_sweep(study, spec, FINETUNE_OPTIMIZERS, max_bytes=max_bytes)
+    model = "quick" if quick else "llama"
+    batch = 4 if quick else BASE_BATCH
+    pre_steps = 20 if quick else FINETUNE_PRETRAIN["steps"]
+    pre = Setting("finetune-llama-pretrain", "llama", model, pre_steps, batch,
+                  max_bytes=max_bytes)
+    init = study.pretrained(pre, FINETUNE_PRETRAIN["optimizer"], FINETUNE_PRETRAIN["lr"])
+    tune = Setting("finetune-llama", "llama", model, 8 if quick else FINETUNE_STEPS, batch,
+                   max_bytes=max_bytes)
+    return {
+        opt: study.sweep(
+            tune, opt, FINETUNE_START_LR[opt], corpus="topics", init=init,
+            extra_evals={"pretrain": "stdlib"},
+        )
+        for opt in FINETUNE_OPTIMIZERS
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -548,7 +631,7 @@ def verdicts(runs: Sequence[dict]) -> list[dict[str, str]]:
     out = []
     for key, by_opt in sorted(_groups(runs).items()):
         exp, task, model, batch, steps = key
-        if "finetune" in exp:
+        if "finetune" in exp or "large" in exp:
             continue
         bests = {opt: best_of(rs) for opt, rs in by_opt.items()}
         label = _setting_label(key)
@@ -664,7 +747,8 @@ def _large_verdicts(runs: Sequence[dict]) -> list[dict[str, str]]:
 
 def _finetune_verdicts(runs: Sequence[dict]) -> list[dict[str, str]]:
     out = []
-    for key, by_opt in sorted(_groups([r for r in runs if "finetune" in r["experiment"]]).items()):
+    tuned = [r for r in runs if "finetune" in r["experiment"] and "pretrain" not in r["experiment"]]
+    for key, by_opt in sorted(_groups(tuned).items()):
         exp = key[0]
         claim = "Fine-tuning: CAME reaches AdamW-level held-out loss (within 2%)"
         bests = {o: best_of(rs) for o, rs in by_opt.items()}
@@ -912,7 +996,12 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        study = Study(root, progress=not args.no_progress, quick=args.quick)
+        study = Study(
+            root,
+            progress=not args.no_progress,
+            quick=args.quick,
+            eval_windows=16 if args.quick else EVAL_WINDOWS,
+        )
         todo = EXPERIMENTS if args.what == "all" else (args.what,)
         for what in todo:
             t0 = time.perf_counter()

@@ -59,7 +59,7 @@ __all__ = [
 class LMConfig:
     """What a GPT or BERT comparison runs (all fields are recorded in the report)."""
 
-    task: str = "gpt"  # "gpt" (causal LM) or "bert" (masked LM)
+    task: str = "gpt"  # "gpt" (causal LM), "bert" (masked LM) or "llama" (causal LM)
     n_layer: int = 2
     d_model: int = 128
     n_head: int = 4
@@ -132,7 +132,9 @@ def set_threads(threads: int | None = None) -> int:
 
 
 def build_model(cfg: LMConfig) -> torch.nn.Module:
-    """A freshly initialized GPT-2 (``GPT2LMHeadModel``) or BERT (``BertForMaskedLM``).
+    """A freshly initialized GPT-2 (``GPT2LMHeadModel``), BERT (``BertForMaskedLM``) or
+    Llama (``LlamaForCausalLM``: RMSNorm, rotary positions, SwiGLU of width 8/3·d_model
+    rounded up to a multiple of 8).
 
     Built from a config, never downloaded. Byte vocabulary (256; BERT adds 4 special ids),
     no dropout (the runs are short and deterministic), feed-forward width 4·d_model, tied
@@ -169,7 +171,22 @@ def build_model(cfg: LMConfig) -> torch.nn.Module:
             pad_token_id=PAD_ID,
         )
         return transformers.BertForMaskedLM(config)
-    raise ValueError(f"unknown task {cfg.task!r} (gpt or bert)")
+    if cfg.task == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=256,
+            hidden_size=cfg.d_model,
+            intermediate_size=8 * math.ceil(8 * cfg.d_model / 3 / 8),
+            num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head,
+            num_key_value_heads=cfg.n_head,
+            max_position_embeddings=cfg.seq_len,
+            tie_word_embeddings=True,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+        )
+        return transformers.LlamaForCausalLM(config)
+    raise ValueError(f"unknown task {cfg.task!r} (gpt, bert or llama)")
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -194,7 +211,7 @@ class _Task:
         self.window = cfg.seq_len - 2 if cfg.task == "bert" else cfg.seq_len
 
     def prepare(self, tokens: torch.Tensor, gen: torch.Generator | None = None) -> dict:
-        if self.cfg.task == "gpt":
+        if self.cfg.task != "bert":
             return {"input_ids": tokens, "labels": tokens}
         inputs, labels = mask_tokens(tokens, gen or self.mask_gen, mask_prob=self.cfg.mask_prob)
         b = tokens.shape[0]
@@ -235,8 +252,18 @@ def run_one(
     lr: float | None = None,
     progress: bool = True,
     eval_sets: tuple[list[dict], list[dict]] | None = None,
+    init_state: dict[str, torch.Tensor] | None = None,
+    extra_evals: dict[str, list[dict]] | None = None,
+    keep_model: bool = False,
 ) -> dict[str, Any]:
-    """Train one model with one optimizer and seed; return the run dict for the report."""
+    """Train one model with one optimizer and seed; return the run dict for the report.
+
+    Args:
+        init_state: a state dict to start from (fine-tuning) instead of the seed's init.
+        extra_evals: more fixed batches, by name, evaluated at the end:
+            ``final_<name>_loss`` in the run dict (NaN when diverged).
+        keep_model: put the trained model in the run dict under ``"model"``.
+    """
     from tqdm.auto import tqdm
 
     device = torch.device(cfg.device)
@@ -250,7 +277,10 @@ def run_one(
     train_eval, val_eval = eval_sets
     torch.manual_seed(seed)
     lowmem = LOWMEM_TRAINING.get(optimizer, {})
-    model = build_model(cfg).to(device, dtype=lowmem.get("param_dtype", torch.float32))
+    model = build_model(cfg)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    model = model.to(device, dtype=lowmem.get("param_dtype", torch.float32))
     model.train()
     hyper = cfg.hyper_of(optimizer, lr)
     opt = build_optimizer(
@@ -332,7 +362,14 @@ def run_one(
     state_bytes = optimizer_state_bytes(opt)
     final_val = math.nan if diverged else hist["val_loss"][-1]
     final_train = math.nan if diverged else _evaluate(model, train_eval, device)
+    extra = {
+        f"final_{name}_loss": math.nan if diverged else _evaluate(model, batches, device)
+        for name, batches in (extra_evals or {}).items()
+    }
+    if keep_model:
+        extra["model"] = model
     return {
+        **extra,
         "task": cfg.task,
         "optimizer": optimizer,
         "lr": lr,
