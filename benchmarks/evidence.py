@@ -1055,6 +1055,12 @@ def main(argv: list[str] | None = None) -> int:
     claims = write_claims(root)
     plot_gaps(root)
     plot_large(root)
+    (root / "status.md").write_text(
+        "# Evidence study: cached runs per setting\n\nWritten by `python benchmarks/evidence.py "
+        "claims` (and after every experiment) from `runs/`. Seed-0 grid, the lr chosen (3-seed "
+        "mean where seeds ran), and the wall time of all runs of the row on the shared "
+        "2-core machine.\n\n" + status(root) + "\n"
+    )
     _log(f"claims.json: {len(claims['runs'])} runs, {len(claims['verdicts'])} verdicts ({root})")
     return 0
 
