@@ -45,7 +45,7 @@ def _bowl(minimum: int, calls: list, diverge_above: int | None = None):
         calls.append((k, seed))
         if diverge_above is not None and k > diverge_above:
             return math.nan
-        return 1.0 + 0.01 * (k - minimum) ** 2 + 0.001 * seed
+        return 1.0 + 0.05 * (k - minimum) ** 2 + 0.001 * seed
 
     return train
 
@@ -67,6 +67,41 @@ def test_sweep_extends_until_the_best_is_interior(offset):
     assert sorted(s for k, s in calls if s != 0) == [1, 2]
     assert all(k == result.best for k, s in calls if s != 0)
     assert result.seed_losses == pytest.approx({0: 1.0, 1: 1.001, 2: 1.002})
+
+
+def test_near_tie_runs_the_runner_up_seeds_and_takes_the_better_mean():
+    # seed 0 prefers index -9 by 0.5%, but -10 is better on average over seeds
+    table = {
+        (-11, 0): 1.30, (-10, 0): 1.005, (-9, 0): 1.000, (-8, 0): 1.20,
+        (-10, 1): 1.00, (-10, 2): 1.00, (-9, 1): 1.10, (-9, 2): 1.10,
+    }
+    calls = []
+
+    def train(lr, seed):
+        calls.append((ev.ladder_index(lr), seed))
+        return table[(ev.ladder_index(lr), seed)]
+
+    result = ev.sweep(train, -10)
+    assert result.best == -10 and result.complete
+    assert set(result.seeds_at) == {-10, -9}
+    assert result.seed_losses == {0: 1.005, 1: 1.00, 2: 1.00}
+    # a clear winner (runner-up > 1% behind) runs seeds only at the best
+    table[(-10, 0)] = 1.02
+    calls.clear()
+    result = ev.sweep(train, -10)
+    assert result.best == -9 and set(result.seeds_at) == {-9}
+    # the same choice rebuilt from cached runs
+    runs = [
+        {"seed": s, "hyper": {"lr": ev.lr_at(k)}, "final_val_loss": v, "diverged": False}
+        for (k, s), v in table.items()
+    ]
+    table[(-10, 0)] = 1.005
+    runs = [dict(r, final_val_loss=table[(ev.ladder_index(r["hyper"]["lr"]), r["seed"])])
+            for r in runs]
+    b = ev.best_of(runs)
+    assert b["best_lr"] == ev.lr_at(-10) and b["complete"]
+    b = ev.best_of([r for r in runs if not (r["seed"] == 2 and r["hyper"]["lr"] == ev.lr_at(-9))])
+    assert not b["complete"]  # the runner-up's seeds are missing: not settled
 
 
 def test_sweep_treats_divergence_as_worst():
