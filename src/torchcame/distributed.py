@@ -69,6 +69,8 @@ __all__ = [
     "UnsupportedShardingError",
     "is_dtensor",
     "check_layout",
+    "shard_layout",
+    "ShardLayout",
     "load_state_dtensor",
     "init_state_dtensor",
     "state_placements",
@@ -100,6 +102,13 @@ def is_dtensor(t: Any) -> bool:
 
 
 _is_dtensor = is_dtensor
+
+
+def _layout(param: Tensor, layout: StateLayout | None = None) -> ShardLayout:
+    """``param``'s :class:`ShardLayout`: the one resolved with its state layout, if any."""
+    if layout is not None and layout.shard is not None:
+        return layout.shard
+    return shard_layout(param)
 
 
 def _dtensor_cls() -> type | None:
@@ -161,7 +170,7 @@ class ShardLayout:
         return self.mesh.get_group(mesh_dim)
 
 
-def _layout(param: Tensor) -> ShardLayout:
+def shard_layout(param: Tensor) -> ShardLayout:
     """The :class:`ShardLayout` of a DTensor ``param``; raises
     :class:`UnsupportedShardingError` for placements CAME cannot step exactly."""
     from torch.distributed.tensor import Replicate, Shard
@@ -339,17 +348,16 @@ def check_layout(param: Tensor, layout: StateLayout) -> None:
             f"over dims {layout.factored_dims})"
         )
     if layout.quantized:
-        _check_quantizable(param, layout.block_size)
+        _check_quantizable(param, layout.block_size, _layout(param, layout))
 
 
-def _check_quantizable(param: Tensor, block_size: int) -> None:
+def _check_quantizable(param: Tensor, block_size: int, sharding: ShardLayout) -> None:
     """int8 momentum of a DTensor: whole quantization blocks on every rank, or an error.
 
     Blocks run over the flattened global tensor, so a rank holds whole blocks when only dim 0
     is sharded (by any number of mesh dims: its rows are one contiguous run) and a dim-0
     slice is a multiple of the block size.
     """
-    sharding = _layout(param)
     slice_numel = param[0].numel() if param.dim() and param.shape[0] else 0
     if sharding.sharding(range(1, param.dim())) or slice_numel % block_size:
         raise NotImplementedError(
@@ -701,7 +709,7 @@ def _prepare(
             work.append(_LocalStep(param, grad, state, args, layout))
             continue
         check_layout(param, layout)
-        sharding = _layout(param)
+        sharding = _layout(param, layout)
         if not _is_dtensor(grad):
             raise TypeError(
                 f"DTensor parameter of shape {tuple(param.shape)} got a plain-tensor gradient "
