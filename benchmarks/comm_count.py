@@ -53,13 +53,15 @@ def _count(fn) -> tuple[int, int, float]:
 
 
 def _expected_floats(model: torch.nn.Module) -> int:
-    """Floats CAME all-reduces per step for Shard(0) parameters, from the shapes alone."""
+    """Floats CAME all-reduces per step for Shard(0) parameters, from the shapes alone
+    (the three phases of torchcame.distributed: for a row-sharded (n, m) matrix the column
+    sums of G and of U (m each), sum r_old, sum G, sum u², sum R_old, sum U (1 each))."""
     total = 0
     for p in model.parameters():
         if p.dim() < 2 or p.dim() > 2:
             total += 1  # sum(u²) (vectors; 3-D/4-D sharded on a batch dim)
         else:
-            total += 3 * p.shape[-1] + 2  # col sums of G, g²/r and U; sums of r and R
+            total += 2 * p.shape[-1] + 5
     return total
 
 

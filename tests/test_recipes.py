@@ -521,3 +521,93 @@ def test_factored_momentum_first_step():
     u = g / ((r / r.mean()).unsqueeze(-1) * c.unsqueeze(-2)).sqrt()
     u = u / max(1.0, float(u.square().mean().sqrt()))
     torch.testing.assert_close(p.detach(), before - 0.1 * 0.1 * u)
+
+
+# ---------------------------------------------------------------- hyperparameters
+
+
+def _gpt_cfg(argv):
+    from torchcame.recipes.gpt import build_parser
+    from torchcame.recipes.train import config_from_args
+
+    return config_from_args(build_parser().parse_args(argv), "gpt")
+
+
+def test_hyperparameters_from_the_command_line_reach_the_optimizers():
+    from torchcame.recipes.optimizers import build_optimizer
+
+    cfg = _gpt_cfg(
+        [
+            "--optimizers", "came,came-short,adamw-b95,adafactor",
+            "--betas", "came=0.9,0.99,0.999",
+            "--eps", "adamw-b95=1e-6",
+            "--clip-threshold", "2",
+            "--weight-decay", "0.01",
+            "--weight-decay", "came=0.1",
+            "--beta2-decay", "-0.5",
+            "--lr", "adamw-b95=3e-3",
+        ]
+    )
+    came, short, adamw, adafactor = (cfg.hyper_of(n) for n in cfg.optimizers)
+    assert came == {"lr": 2e-4, "weight_decay": 0.1, "betas": [0.9, 0.99, 0.999],
+                    "eps": [1e-30, 1e-16], "clip_threshold": 2.0}
+    assert short["betas"] == [0.9, 0.95, 0.995] and short["clip_threshold"] == 2.0
+    assert short["weight_decay"] == 0.01
+    assert adamw == {"lr": 3e-3, "weight_decay": 0.01, "betas": [0.9, 0.95], "eps": 1e-6}
+    assert adafactor["beta2_decay"] == -0.5 and adafactor["clip_threshold"] == 2.0
+    # what is recorded is what the optimizer gets
+    p = [torch.nn.Parameter(torch.randn(4, 4))]
+    for name in cfg.optimizers:
+        group = build_optimizer(
+            name, p, lr=cfg.lr_of(name), weight_decay=cfg.weight_decay_of(name),
+            hyper=cfg.overrides_of(name),
+        ).param_groups[0]
+        h = cfg.hyper_of(name)
+        assert group["lr"] == h["lr"] and group["weight_decay"] == h["weight_decay"]
+        if "betas" in h:
+            assert list(group["betas"]) == h["betas"]
+    group = build_optimizer("adafactor", p, hyper=cfg.overrides_of("adafactor")).param_groups[0]
+    assert group["d"] == 2.0 and group["beta2_decay"] == -0.5
+    group = build_optimizer("came-short", p).param_groups[0]
+    assert group["betas"] == (0.9, 0.95, 0.995)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--optimizers", "came,adamw", "--betas", "adamw=0.9,0.95,0.99"],  # AdamW takes two
+        ["--optimizers", "came", "--betas", "lamb=0.9,0.99"],  # lamb is not selected
+        ["--optimizers", "adamw", "--clip-threshold", "adamw=1"],  # AdamW has no clip
+    ],
+)
+def test_hyperparameter_errors(argv):
+    with pytest.raises(SystemExit):
+        _gpt_cfg(argv)
+
+
+def test_runs_record_every_hyperparameter(small_corpus):
+    cfg = LMConfig(task="gpt", **TINY, steps=3, warmup=1, optimizers=("came-short", "adamw"),
+                   hyper={"adamw": {"betas": (0.8, 0.9), "weight_decay": 0.1}},
+                   measure_memory=False)
+    runs, _ = run_comparison(cfg, corpus=small_corpus, progress=False)
+    assert runs[0]["hyper"]["betas"] == [0.9, 0.95, 0.995]
+    assert runs[1]["hyper"] == {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.8, 0.9],
+                                "eps": 1e-8}
+    assert cfg.as_dict()["hyper"]["adamw"] == runs[1]["hyper"]
+
+
+def test_pydoc_topics_corpus_is_english_and_split():
+    from torchcame.recipes.data import load_pydoc_topics
+
+    c = load_pydoc_topics()
+    text = bytes(c.train[:5000].tolist()).decode("utf-8", errors="replace")
+    assert "the" in text.split() and "def " not in text[:200]
+    assert 0.05 < c.val.numel() / (c.train.numel() + c.val.numel()) < 0.15
+    assert load_pydoc_topics().sha256 == c.sha256
+
+
+def test_llama_model_builds_and_learns(small_corpus):
+    cfg = LMConfig(task="llama", **TINY, steps=10, warmup=2, optimizers=("adamw",),
+                   lrs={"adamw": 1e-2}, measure_memory=False)
+    runs, _ = run_comparison(cfg, corpus=small_corpus, progress=False)
+    assert runs[0]["final_val_loss"] < runs[0]["history"]["val_loss"][0]

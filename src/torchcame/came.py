@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -165,7 +166,10 @@ class CAME(Optimizer):
     def _layout(cache: dict[Tensor, StateLayout], group: dict, param: Tensor) -> StateLayout:
         layout = cache.get(param)
         if layout is None:
-            layout = cache[param] = layout_of(param, group)
+            layout = layout_of(param, group)
+            if distributed.is_dtensor(param):  # resolved once, with the layout
+                layout = dataclasses.replace(layout, shard=distributed.shard_layout(param))
+            cache[param] = layout
         return layout
 
     def _check_new_states(self, params: list[Tensor], layouts: list[StateLayout]) -> None:

@@ -1,43 +1,40 @@
-"""CAME on DTensor parameters (FSDP2 ``fully_shard``, HSDP): exact at any world size.
+"""CAME on DTensor parameters (FSDP2, HSDP, FSDP2 over tensor parallel): exact at any layout.
 
-FSDP2 hands the optimizer parameters and gradients as DTensors sharded on dim 0. CAME's
-factored statistics are not elementwise: the column mean of ``G``, the mean of the row
-statistic ``r`` and ``RMS(u)`` (and the same for the instability ``U``) span the whole tensor.
-Factoring each shard on its own, as the one other distributed CAME does, changes the update
-with the world size. This module computes the update of a single process holding the full
-tensors: everything local is done on ``to_local()`` shards, and the few cross-shard sums of all
-parameters (of all param groups, when called from ``CAME.step``) are packed into one flat
-buffer per phase, so a step costs **two all-reduces**, whatever the number of parameters.
+FSDP2 and tensor parallelism hand the optimizer DTensor parameters and gradients. CAME's
+factored statistics are not elementwise: the row and column means of ``G``, the mean of the
+row statistic ``r`` and ``RMS(u)`` (and the same for the instability ``U``) span the whole
+tensor. Factoring each shard on its own, as the one other distributed CAME does, changes the
+update with the world size. This module computes the update of a single process holding the
+full tensors: everything local is done on ``to_local()`` shards, and the few cross-shard sums
+of all parameters (of all param groups, when called from ``CAME.step``) are packed into one
+flat buffer per (phase, mesh dimension).
 
-Which sums a parameter of shape ``(..., n, m)`` needs depends on the dimension it is sharded on
-(``k = ndim``); everything else is exact on the local shard:
+One abstraction describes every layout (:class:`ShardLayout`): the box of the global tensor
+this rank holds, and for each tensor dim the mesh dims that shard it. A sum over rows is
+reduced over the mesh dims sharding the rows (R), a sum over columns over those sharding the
+columns (C), the RMS over every sharding mesh dim (R, C and batch dims B). Three phases
+(:class:`_ParamStep`):
 
-=====================  ============================  ==========================================
-sharded dim            phase 1 (sums of partials)    phase 2
-=====================  ============================  ==========================================
-``k-2`` (rows, FSDP2   ``sum_rows G`` (m),           ``sum_rows U`` (m), ``sum R`` (1)
-on a matrix)           ``sum r`` (1), ``sum_rows
-                       g²/r`` (m)
-``k-1`` (columns)      ``sum_cols G`` (n),           ``sum_cols U`` (n)
-                       ``sum_cols g²/c`` (n)
-``< k-2`` (a batch     ``sum u²`` (1)                nothing
-dim of a 3-D/4-D
-tensor)
-vector, ``Shard(0)``   ``sum u²`` (1)                nothing
-``Replicate()``        nothing                       nothing
-=====================  ============================  ==========================================
+=======  ===================================================  ================================
+phase    sums (reduced over)                                   then exact on every rank
+=======  ===================================================  ================================
+1        row sums of G (C), column sums of G (R),               r, c, mean(r), u
+         sum of the old r (R), sum of G (R, C)
+2        sum u² (R, C, B; a vector: its sharding dims)          RMS(u), û, m, U
+3        row sums of U (C), column sums of U (R),               R, C, mean(R), Ŝ, the update
+         sum of the old R (R), sum of U (R, C)
+=======  ===================================================  ================================
 
-The dependency chain is r, c -> v̂ (needs mean(r)) -> u -> RMS(u) -> û -> m -> U -> R, C -> Ŝ
-(needs mean(R)). Two phases suffice because ``RMS(u)`` does not need ``u`` itself:
-``sum u² = sum_b mean(r)_b · sum_j (sum_i g²_ij / r_i) / c_j`` for a row-sharded tensor (the
-inner sum is a column vector that travels with phase 1) and symmetrically for a column-sharded
-one. After phase 1 every rank knows c (or r), mean(r) and RMS(u); after phase 2, C (or R) and
-mean(R).
+``mean(r)`` comes from ``sum r_new = β2 · sum r_old + (1 − β2) · sum G / m`` (and likewise
+``mean(R)``), so it needs no phase of its own. A step costs at most 3 all-reduces per mesh
+dimension in use (3 on FSDP2's 1-D mesh, 6 on a 2-D mesh), whatever the number of
+parameters and param groups; each carries O(rows + cols) floats per parameter.
 
-Supported layouts: DTensors whose placements are ``Replicate()`` on every mesh dimension but at
-most one, which is a plain ``Shard(d)`` (FSDP2 on a 1-D mesh, HSDP on a 2-D mesh, a DTensor
-sharded on any dim). Uneven and empty shards work. ``_StridedShard``, ``Partial`` parameters,
-and several sharded mesh dimensions (FSDP + TP) raise :class:`UnsupportedShardingError`.
+Supported layouts: ``Shard(d)``, ``_StridedShard(d)`` (FSDP2 over tensor parallel) and
+``Replicate()`` on each mesh dimension, in any combination whose local shard is one box of the
+global tensor (what FSDP2, HSDP and FSDP2 + TP produce); uneven and empty shards work.
+``Partial`` parameters raise :class:`UnsupportedShardingError`. int8 momentum needs whole
+quantization blocks on every rank (only dim 0 sharded; see :func:`_check_quantizable`).
 """
 
 from __future__ import annotations
@@ -72,6 +69,8 @@ __all__ = [
     "UnsupportedShardingError",
     "is_dtensor",
     "check_layout",
+    "shard_layout",
+    "ShardLayout",
     "load_state_dtensor",
     "init_state_dtensor",
     "state_placements",
@@ -84,10 +83,11 @@ __all__ = [
 ]
 
 _HINT = (
-    "CAME supports DTensor parameters placed Shard(d) on one mesh dimension and Replicate() "
-    "on the others (what torch.distributed.fsdp.fully_shard produces on a 1-D mesh, or HSDP on "
-    "a 2-D mesh). Shard the model with FSDP2 (fully_shard) instead; flat 1-D partitions such "
-    "as DeepSpeed ZeRO's would silently turn every matrix into a vector (no factoring)."
+    "CAME supports DTensor parameters placed Shard(d) or Replicate() on each mesh dimension, "
+    "and _StridedShard(d) completed by Shard(d) on later mesh dimensions, so that each rank "
+    "holds one box of the global tensor: what torch.distributed.fsdp.fully_shard produces on a "
+    "1-D mesh, HSDP, and fully_shard over tensor parallel on a 2-D mesh. Flat 1-D partitions "
+    "such as DeepSpeed ZeRO's would silently turn every matrix into a vector (no factoring)."
 )
 
 
@@ -102,6 +102,13 @@ def is_dtensor(t: Any) -> bool:
 
 
 _is_dtensor = is_dtensor
+
+
+def _layout(param: Tensor, layout: StateLayout | None = None) -> ShardLayout:
+    """``param``'s :class:`ShardLayout`: the one resolved with its state layout, if any."""
+    if layout is not None and layout.shard is not None:
+        return layout.shard
+    return shard_layout(param)
 
 
 def _dtensor_cls() -> type | None:
@@ -120,41 +127,94 @@ def _local(t: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class _Layout:
-    """Where a DTensor parameter is sharded: ``mesh_dim`` of its mesh holds ``tensor_dim``."""
+class ShardLayout:
+    """Where a DTensor parameter's local shard sits in the global tensor, and which mesh
+    dimensions reduce its statistics.
 
-    mesh_dim: int | None  # None: replicated everywhere
-    tensor_dim: int | None
+    The one abstraction of sharded layouts: a 1-D mesh (FSDP2), HSDP, FSDP2 over tensor
+    parallel on a 2-D mesh (``_StridedShard``), or any mix of ``Shard``/``Replicate`` across
+    mesh dimensions. It answers which global rows, columns (and batch elements) this rank
+    holds — the box ``offset`` .. ``offset + local_shape`` — and over which mesh dimensions
+    the partial sums of the step are reduced: those that shard the tensor dim the sum runs
+    over. Replicated mesh dimensions reduce nothing (every rank there holds the same values).
+
+    Attributes:
+        mesh: the parameter's device mesh.
+        shape: the global shape.
+        local_shape: the shape of this rank's shard.
+        offset: the global index of the shard's first element, per dim.
+        dim_mesh_dims: for each tensor dim, the mesh dims that shard it (in mesh order).
+    """
+
+    mesh: Any
+    shape: tuple[int, ...]
+    local_shape: tuple[int, ...]
+    offset: tuple[int, ...]
+    dim_mesh_dims: tuple[tuple[int, ...], ...]
+
+    def sharding(self, dims: Sequence[int]) -> tuple[int, ...]:
+        """The mesh dims that shard any of the tensor ``dims`` (negative dims allowed)."""
+        k = len(self.shape)
+        out: set[int] = set()
+        for d in dims:
+            out.update(self.dim_mesh_dims[d % k])
+        return tuple(sorted(out))
+
+    @property
+    def sharded(self) -> tuple[int, ...]:
+        """Every mesh dim that shards the tensor."""
+        return self.sharding(range(len(self.shape)))
+
+    def group(self, mesh_dim: int) -> Any:
+        """The process group of one mesh dimension."""
+        return self.mesh.get_group(mesh_dim)
 
 
-def _layout(param: Tensor) -> _Layout:
-    """The sharding of ``param``; raises :class:`UnsupportedShardingError` for other layouts."""
+def shard_layout(param: Tensor) -> ShardLayout:
+    """The :class:`ShardLayout` of a DTensor ``param``; raises
+    :class:`UnsupportedShardingError` for placements CAME cannot step exactly."""
     from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     placements = tuple(param.placements)
-    sharded = []
+    k = param.dim()
+    dims: list[list[int]] = [[] for _ in range(k)]
     for mesh_dim, placement in enumerate(placements):
         if isinstance(placement, Replicate):
             continue
-        if type(placement) is Shard:  # not _StridedShard (a subclass in some versions)
-            sharded.append((mesh_dim, placement.dim))
+        if type(placement).__name__ == "_StridedShard":
+            later = [p for p in placements[mesh_dim + 1:]
+                     if isinstance(p, Shard) and p.dim % k == placement.dim % k]
+            covered = math.prod(param.device_mesh.size(mesh_dim + 1 + i)
+                                for i, p in enumerate(placements[mesh_dim + 1:]) if p in later)
+            if covered != placement.split_factor:
+                raise UnsupportedShardingError(
+                    f"cannot step a parameter of shape {tuple(param.shape)} with placements "
+                    f"{placements}: {placement} is not completed by Shard({placement.dim}) "
+                    f"on later mesh dimensions of total size {placement.split_factor}, so "
+                    f"this rank's rows are not one box of the tensor. {_HINT}"
+                )
+            dims[placement.dim % k].append(mesh_dim)
+            continue
+        if isinstance(placement, Shard):
+            dims[placement.dim % k].append(mesh_dim)
             continue
         raise UnsupportedShardingError(
             f"cannot step a parameter of shape {tuple(param.shape)} with placements "
-            f"{placements}: {type(placement).__name__} is not supported. {_HINT}"
+            f"{placements}: {type(placement).__name__} is not supported (a Partial parameter "
+            f"has no values of its own until reduced). {_HINT}"
         )
-    if len(sharded) > 1:
+    local_shape, offset = compute_local_shape_and_global_offset(
+        param.shape, param.device_mesh, placements)
+    actual = tuple(param.to_local().shape)
+    if tuple(local_shape) != actual:
         raise UnsupportedShardingError(
             f"cannot step a parameter of shape {tuple(param.shape)} with placements "
-            f"{placements}: it is sharded on {len(sharded)} mesh dimensions (e.g. FSDP + "
-            f"tensor parallel). {_HINT}"
+            f"{placements}: its local shard {actual} is not one box of the global tensor "
+            f"(expected {tuple(local_shape)}). {_HINT}"
         )
-    if not sharded:
-        return _Layout(None, None)
-    mesh_dim, dim = sharded[0]
-    if dim < 0:
-        dim += param.dim()
-    return _Layout(mesh_dim, dim)
+    return ShardLayout(param.device_mesh, tuple(param.shape), tuple(local_shape),
+                       tuple(offset), tuple(tuple(d) for d in dims))
 
 
 def check_param(param: Tensor) -> None:
@@ -189,41 +249,46 @@ def check_not_flat_partitions(param_groups: Sequence[dict]) -> None:
 def state_placements(param: Tensor, layout: StateLayout) -> dict[str, tuple]:
     """Placements of each state tensor of a DTensor parameter, by state key.
 
-    ``exp_avg`` (and ``exp_avg_sq`` of a vector) is laid out like the parameter. For a factored
-    parameter of shape ``(..., n, m)`` sharded on dim ``d``: the row statistics ``(..., n)`` are
-    sharded on ``d`` unless ``d`` is the column dim (then replicated); the column statistics
-    ``(..., m)`` are sharded on ``d`` for a batch dim, replicated for the row dim and sharded
-    on their last dim for the column dim.
+    ``exp_avg`` (and ``exp_avg_sq`` of a vector, and int8 scales) are laid out like the
+    parameter. For a factored parameter of shape ``(..., n, m)``, each mesh dimension keeps
+    its placement on the dims a statistic has: the row statistics ``(..., n)`` drop the
+    column dim (a mesh dim sharding it is replicated there), the column statistics
+    ``(..., m)`` drop the row dim (a mesh dim sharding rows is replicated there; one sharding
+    columns shards their last dim).
     """
-    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import Replicate
 
-    sharding = _layout(param)
     base = tuple(param.placements)
-    k = param.dim()
-
-    def with_(placement: Any) -> tuple:
-        if sharding.mesh_dim is None:
-            return base
-        out = list(base)
-        out[sharding.mesh_dim] = placement
-        return tuple(out)
-
     out = {"exp_avg": base, "exp_avg_absmax": base}  # int8 scales: (dim 0, blocks per slice)
     if not layout.factored:
         out["exp_avg_sq"] = base
         return out
-    d = sharding.tensor_dim
-    if d is None:
-        row = col = base
-    elif d < k - 2:
-        row = col = with_(Shard(d))
-    elif d == k - 2:
-        row, col = with_(Shard(d)), with_(Replicate())
-    else:
-        row, col = with_(Replicate()), with_(Shard(k - 2))
+    k = param.dim()
+
+    def dropping(dropped: int) -> tuple:
+        placements = []
+        for placement in base:
+            if isinstance(placement, Replicate):
+                placements.append(placement)
+                continue
+            d = placement.dim % k
+            if d == dropped:
+                placements.append(Replicate())
+            else:
+                placements.append(_with_dim(placement, d - (d > dropped)))
+        return tuple(placements)
+
+    row, col = dropping(k - 1), dropping(k - 2)
     out.update(exp_avg_sq_row=row, exp_avg_sq_col=col, exp_avg_res_row=row,
                exp_avg_res_col=col)
     return out
+
+
+def _with_dim(placement: Any, dim: int) -> Any:
+    """``placement`` (a ``Shard`` or ``_StridedShard``) on tensor dim ``dim`` instead."""
+    if type(placement).__name__ == "_StridedShard":
+        return type(placement)(dim, split_factor=placement.split_factor)
+    return type(placement)(dim)
 
 
 def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
@@ -283,33 +348,31 @@ def check_layout(param: Tensor, layout: StateLayout) -> None:
             f"over dims {layout.factored_dims})"
         )
     if layout.quantized:
-        _check_quantizable(param, layout.block_size)
+        _check_quantizable(param, layout.block_size, _layout(param, layout))
 
 
-def _check_quantizable(param: Tensor, block_size: int) -> None:
-    """int8 momentum of a DTensor: whole quantization blocks on every rank, or an error."""
-    layout = _layout(param)
+def _check_quantizable(param: Tensor, block_size: int, sharding: ShardLayout) -> None:
+    """int8 momentum of a DTensor: whole quantization blocks on every rank, or an error.
+
+    Blocks run over the flattened global tensor, so a rank holds whole blocks when only dim 0
+    is sharded (by any number of mesh dims: its rows are one contiguous run) and a dim-0
+    slice is a multiple of the block size.
+    """
     slice_numel = param[0].numel() if param.dim() and param.shape[0] else 0
-    if layout.tensor_dim not in (None, 0) or slice_numel % block_size:
+    if sharding.sharding(range(1, param.dim())) or slice_numel % block_size:
         raise NotImplementedError(
             f"momentum_dtype='int8' on a DTensor parameter of shape {tuple(param.shape)} "
-            f"placed {tuple(param.placements)}: int8 under FSDP2 needs Shard(0) (fully_shard's "
-            f"default) and dim-0 slices whose size ({slice_numel}) is a multiple of "
-            f"quantization_block_size ({block_size}), so that each rank holds whole blocks. "
-            "Use a block size that divides it, a larger min_quantized_numel to keep this "
-            "tensor in float32, or momentum_dtype=torch.bfloat16"
+            f"placed {tuple(param.placements)}: int8 needs only dim 0 sharded (fully_shard's "
+            f"default, also over tensor parallel's Shard(0)) and dim-0 slices whose size "
+            f"({slice_numel}) is a multiple of quantization_block_size ({block_size}), so "
+            "that each rank holds whole blocks. Use a block size that divides it, a larger "
+            "min_quantized_numel to keep this tensor in float32, or momentum_dtype="
+            "torch.bfloat16"
         )
 
 
 def _meta_like(param: Tensor) -> Tensor:
     return torch.empty(param.shape, dtype=param.dtype, device="meta")
-
-
-def _local_range(size: int, num_chunks: int, index: int) -> tuple[int, int]:
-    """Offset and length of chunk ``index`` of ``size`` items split as ``torch.chunk`` does."""
-    chunk = -(-size // num_chunks) if size else 0
-    start = min(index * chunk, size)
-    return start, max(0, min(size, start + chunk) - start)
 
 
 def to_param_layout(param: Tensor, key: str, value: Tensor, layout: StateLayout,
@@ -338,12 +401,12 @@ def to_param_layout(param: Tensor, key: str, value: Tensor, layout: StateLayout,
                      value.shape)
     if key == "exp_avg_absmax" and value.dim() == 1 and param.dim() and param.shape[0]:
         value = value.view(param.shape[0], -1)  # single-process scales, per dim-0 slice
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local_shape, offset = compute_local_shape_and_global_offset(value.shape, mesh, placements)
     local = value
-    for mesh_dim, placement in enumerate(placements):
-        if placement.is_shard():
-            start, length = _local_range(value.shape[placement.dim], mesh.size(mesh_dim),
-                                         mesh.get_local_rank(mesh_dim))
-            local = local.narrow(placement.dim, start, length)
+    for dim, (start, length) in enumerate(zip(offset, local_shape)):
+        local = local.narrow(dim, start, length)
     local = local.to(device=device, dtype=dtype).contiguous().clone()
     return _wrap(local, mesh, placements, value.shape)
 
@@ -388,22 +451,35 @@ def called_from_dcp_state_init() -> bool:
 
 @dataclass
 class _ParamStep:
-    """One parameter's step on its local shard, split at the two reductions."""
+    """One sharded parameter's step on its local shard, split at the three reductions.
+
+    For a factored parameter of global shape ``(..., n, m)``, with R the mesh dims sharding
+    its rows (dim -2), C those sharding its columns (dim -1) and B those sharding batch dims:
+
+    1. row sums of G over C, column sums of G over R, and for mean(r):
+       ``sum r_old`` over R (r is replicated across C) and ``sum G`` over R and C, since
+       ``sum r_new = b2 sum r_old + (1 - b2) sum G / m``; then r, c, mean(r) and u are exact;
+    2. ``sum u^2`` over R, C and B: the RMS clip; then u_hat, m and U are exact;
+    3. row sums of U over C, column sums over R, ``sum R_old`` and ``sum U`` as in 1;
+       then R, C, mean(R), S_hat and the update.
+
+    A vector sharded on V needs only ``sum u^2`` over V (phase 2).
+    """
 
     param: Tensor  # local
     grad: Tensor  # local, compute dtype, sign applied
     state: dict[str, Tensor]  # local views
-    role: str  # "rows" | "cols" | "batch" | "vector"
-    group: Any  # process group of the sharded mesh dim
-    numel: int  # global
-    n: int  # global rows (factored)
-    m: int  # global cols (factored)
-    args: StepArgs | None = None  # the hyperparameters of the param's group
-    layout: StateLayout | None = None  # the state layout (global tensor)
-    partials: list[Tensor] = field(default_factory=list)
+    shard: ShardLayout
+    args: StepArgs
+    layout: StateLayout  # the state layout (global tensor)
+    partials: list[tuple[Tensor, tuple[int, ...]]] = field(default_factory=list)
     update: Tensor | None = None
-    # a float32 working copy of a bf16 momentum, from phase 2 until it is stored back
+    # a float32 working copy of a bf16/int8 momentum, from phase 2 until it is stored back
     momentum: Tensor | None = None
+
+    @property
+    def factored(self) -> bool:
+        return self.layout.factored
 
     def _momentum(self) -> Tensor:
         if self.momentum is not None:
@@ -415,105 +491,79 @@ class _ParamStep:
             return self.momentum
         return self.state["exp_avg"]
 
-    # phase 1: second moment; partial sums for c (or r), mean(r) and sum(u²)
-    def phase1(self, args: StepArgs) -> None:
-        beta2 = args.betas[1]
-        g, st = self.grad, self.state
-        sq = g.square()
-        big_g = sq + args.eps[0]
-        if self.role == "vector":
-            ema_(st["exp_avg_sq"], big_g, beta2)
-            self.update = st["exp_avg_sq"].rsqrt().mul_(g)
-            self.partials = [self.update.square().sum().reshape(1)]
-        elif self.role == "batch":
-            ema_(st["exp_avg_sq_row"], big_g.mean(dim=-1), beta2)
-            ema_(st["exp_avg_sq_col"], big_g.mean(dim=-2), beta2)
-            self.update = approx_rsqrt(st["exp_avg_sq_row"], st["exp_avg_sq_col"]).mul_(g)
-            self.partials = [self.update.square().sum().reshape(1)]
-        elif self.role == "rows":
-            row = st["exp_avg_sq_row"]
-            ema_(row, big_g.mean(dim=-1), beta2)  # exact: whole rows are local
-            self.partials = [
-                big_g.sum(dim=-2),  # column sums of G
-                row.sum(dim=-1),  # for mean(r)
-                sq.div_(row.unsqueeze(-1)).sum(dim=-2),  # sum_i g²/r_i, for sum(u²)
-            ]
-        else:  # cols
-            col = st["exp_avg_sq_col"]
-            ema_(col, big_g.mean(dim=-2), beta2)  # exact: whole columns are local
-            self.partials = [
-                big_g.sum(dim=-1),  # row sums of G
-                sq.div_(col.unsqueeze(-2)).sum(dim=-1),  # sum_j g²/c_j, for sum(u²)
-            ]
+    def _sums(self, value: Tensor, old_rows: Tensor) -> list[tuple[Tensor, tuple[int, ...]]]:
+        """Row sums, column sums, ``sum old_rows`` and ``sum value``, each with the mesh dims
+        that must reduce it (phases 1 and 3)."""
+        rows, cols = self.shard.sharding([-2]), self.shard.sharding([-1])
+        both = tuple(sorted(set(rows) | set(cols)))
+        return [(value.sum(dim=-1), cols), (value.sum(dim=-2), rows),
+                (old_rows.sum(dim=-1), rows), (value.sum(dim=(-2, -1)), both)]
 
-    # phase 2: finish u, clip, momentum, instability; partial sums for C (or R) and mean(R)
-    def phase2(self, args: StepArgs) -> None:
-        beta1, beta2, beta3 = args.betas
-        g, st = self.grad, self.state
-        if self.role in ("vector", "batch"):
-            (sum_sq,) = self.partials
-        elif self.role == "rows":
-            col_sum, row_sum, ratio = self.partials
-            col = st["exp_avg_sq_col"]
-            ema_(col, col_sum.div_(self.n), beta2)
-            row_mean = row_sum.div_(self.n)
-            sum_sq = (ratio.div_(col).sum(dim=-1) * row_mean).sum()
-            self.update = approx_rsqrt(st["exp_avg_sq_row"], col, row_mean=row_mean).mul_(g)
-        else:  # cols
-            row_sum, ratio = self.partials
-            row = st["exp_avg_sq_row"]
-            ema_(row, row_sum.div_(self.m), beta2)
-            row_mean = row.mean(dim=-1)
-            sum_sq = (ratio.div_(row).sum(dim=-1) * row_mean).sum()
-            self.update = approx_rsqrt(row, st["exp_avg_sq_col"]).mul_(g)
-        update = self.update
+    def _row_mean(self, old_sum: Tensor, total: Tensor, beta: float) -> Tensor:
+        """mean over the global rows of the updated row statistic, from phase-1/3 sums."""
+        n, m = self.shard.shape[-2], self.shard.shape[-1]
+        return (old_sum * beta + total * ((1.0 - beta) / m)) / n
+
+    def phase1(self) -> None:
+        """Second-moment sums (factored tensors)."""
+        if not self.factored:
+            return
+        big_g = self.grad.square().add_(self.args.eps[0])
+        self.partials = self._sums(big_g, self.state["exp_avg_sq_row"])
+
+    def phase2(self) -> None:
+        """r, c, mean(r) and u; the sum of u^2 over every sharded dim."""
+        args, st, g = self.args, self.state, self.grad
+        beta2 = args.betas[1]
+        if self.factored:
+            n, m = self.shard.shape[-2], self.shard.shape[-1]
+            (row_sum, _), (col_sum, _), (old_sum, _), (total, _) = self.partials
+            row_mean = self._row_mean(old_sum, total, beta2)
+            ema_(st["exp_avg_sq_row"], row_sum.div_(m), beta2)
+            ema_(st["exp_avg_sq_col"], col_sum.div_(n), beta2)
+            update = approx_rsqrt(st["exp_avg_sq_row"], st["exp_avg_sq_col"],
+                                  row_mean=row_mean).mul_(g)
+        else:
+            exp_avg_sq = st["exp_avg_sq"]
+            ema_(exp_avg_sq, g.square().add_(args.eps[0]), beta2)
+            update = exp_avg_sq.rsqrt().mul_(g)
         if args.bias_correction:  # v_hat / (1 - beta2^t)  =>  u * sqrt(1 - beta2^t)
-            update_scale = bias_correction_scales(float(st["step"]), args.betas,
-                                                  self.role != "vector")[0]
-            update.mul_(update_scale)
-            sum_sq = sum_sq * update_scale**2
+            update.mul_(bias_correction_scales(float(st["step"]), args.betas, self.factored)[0])
+        self.update = update
+        self.partials = [(update.square().sum().reshape(1), self.shard.sharded)]
+
+    def phase3(self) -> None:
+        """Clip, momentum, instability; its sums (factored tensors)."""
+        args, st = self.args, self.state
+        ((sum_sq, _),) = self.partials
+        update = self.update
         # 4. u_hat = u / max(1, RMS(u) / d), RMS over the whole (global) tensor
-        clip_(update, sum_sq.reshape(()).sqrt() / math.sqrt(self.numel), args.clip_threshold)
-        # 5. momentum
+        clip_(update, sum_sq.reshape(()).sqrt() / math.sqrt(math.prod(self.shard.shape)),
+              args.clip_threshold)
         exp_avg = self._momentum()
-        ema_(exp_avg, update, beta1)
+        ema_(exp_avg, update, args.betas[0])  # 5. momentum
         self.partials = []
-        if self.role == "vector":
+        if not self.factored:
             self.update = exp_avg.clone()
             return
-        # 6. instability U = (u_hat - m)^2 + eps2
-        instability = update.sub_(exp_avg).square_().add_(args.eps[1])
-        res_row, res_col = st["exp_avg_res_row"], st["exp_avg_res_col"]
-        if self.role == "batch":
-            ema_(res_row, instability.mean(dim=-1), beta3)
-            ema_(res_col, instability.mean(dim=-2), beta3)
-            self.update = approx_rsqrt(res_row, res_col).mul_(exp_avg)
-        elif self.role == "rows":
-            ema_(res_row, instability.mean(dim=-1), beta3)
-            self.partials = [instability.sum(dim=-2), res_row.sum(dim=-1)]
-        else:  # cols
-            ema_(res_col, instability.mean(dim=-2), beta3)
-            self.partials = [instability.sum(dim=-1)]
+        instability = update.sub_(exp_avg).square_().add_(args.eps[1])  # 6. U
+        self.partials = self._sums(instability, st["exp_avg_res_row"])
 
-    # after phase 2: Ŝ and the parameter update
-    def finish(self, args: StepArgs) -> None:
+    def finish(self) -> None:
+        """R, C, mean(R), S_hat and the parameter update."""
+        args, st = self.args, self.state
         beta3 = args.betas[2]
-        st = self.state
-        if self.role == "rows":
-            col_sum, row_sum = self.partials
-            ema_(st["exp_avg_res_col"], col_sum.div_(self.n), beta3)
-            self.update = approx_rsqrt(
-                st["exp_avg_res_row"], st["exp_avg_res_col"], row_mean=row_sum.div_(self.n)
-            ).mul_(self._momentum())
-        elif self.role == "cols":
-            (row_sum,) = self.partials
-            ema_(st["exp_avg_res_row"], row_sum.div_(self.m), beta3)
-            self.update = approx_rsqrt(st["exp_avg_res_row"], st["exp_avg_res_col"]).mul_(
-                self._momentum()
-            )
+        if self.factored:
+            n, m = self.shard.shape[-2], self.shard.shape[-1]
+            (row_sum, _), (col_sum, _), (old_sum, _), (total, _) = self.partials
+            res_mean = self._row_mean(old_sum, total, beta3)
+            ema_(st["exp_avg_res_row"], row_sum.div_(m), beta3)
+            ema_(st["exp_avg_res_col"], col_sum.div_(n), beta3)
+            self.update = approx_rsqrt(st["exp_avg_res_row"], st["exp_avg_res_col"],
+                                       row_mean=res_mean).mul_(self._momentum())
         if args.bias_correction:  # m / (1 - beta1^t) and S_hat / (1 - beta3^t)
             self.update.mul_(bias_correction_scales(float(st["step"]), args.betas,
-                                                    self.role != "vector")[1])
+                                                    self.factored)[1])
         apply_updates_([self.param], [self.update], args.lr, args.weight_decay,
                        args.stochastic_rounding)
         if self.momentum is not None:  # round the float32 m of this step into its storage
@@ -524,22 +574,33 @@ class _ParamStep:
 
 
 def _all_reduce_partials(steps: list[_ParamStep]) -> int:
-    """Sum every step's ``partials`` over its process group, in place: one all-reduce per
-    (process group, dtype, device), all parameters packed into one flat buffer.
+    """Sum every step's ``partials`` over the mesh dims each names, in place.
 
-    Returns the number of all-reduces issued.
+    One all-reduce per (mesh dim, dtype, device) in use, all parameters packed into one flat
+    buffer; mesh dims are taken in order, so a partial named for several of them is summed
+    over each in turn (the sum over their product). Returns the number of all-reduces.
     """
     buckets: dict[tuple, list[Tensor]] = {}
+    order: list[tuple] = []
     for s in steps:
-        for t in s.partials:
-            buckets.setdefault((s.group, t.dtype, t.device), []).append(t)
-    for (group, _, _), tensors in buckets.items():
+        for tensor, mesh_dims in s.partials:
+            for mesh_dim in mesh_dims:
+                group = s.shard.group(mesh_dim)
+                key = (mesh_dim, id(group), tensor.dtype, tensor.device)
+                if key not in buckets:
+                    buckets[key] = []
+                    order.append((key, group))
+                buckets[key].append(tensor)
+    count = 0
+    for key, group in sorted(order, key=lambda item: item[0][0]):
+        tensors = buckets[key]
         flat = _all_reduce(torch.cat([t.reshape(-1) for t in tensors]), group)
         offset = 0
         for t in tensors:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
-    return len(buckets)
+        count += 1
+    return count
 
 
 def _all_reduce(flat: Tensor, group: Any, op: Any = None) -> Tensor:
@@ -563,9 +624,9 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     local = []
     for t in tensors:
         if _is_dtensor(t):
-            layout = _layout(t)
-            if layout.mesh_dim is not None:
-                groups[t.device_mesh.get_group(layout.mesh_dim)] = None
+            sharding = _layout(t)
+            for mesh_dim in sharding.sharded:
+                groups[sharding.group(mesh_dim)] = None
             t = t.to_local()
         local.append(t)
     device = local[0].device if local else torch.device("cpu")
@@ -576,16 +637,6 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     for group in groups:
         bad = _all_reduce(bad, group, dist.ReduceOp.MAX)
     return not bool(bad.item())
-
-
-def _role(layout: _Layout, ndim: int) -> str:
-    if layout.tensor_dim is None:
-        return "replicate"
-    if ndim < 2:
-        return "vector"
-    if layout.tensor_dim < ndim - 2:
-        return "batch"
-    return "rows" if layout.tensor_dim == ndim - 2 else "cols"
 
 
 def step_dtensor(params: list[Tensor], grads: list[Tensor], states: list[dict],
@@ -657,9 +708,8 @@ def _prepare(
                 raise TypeError("a plain parameter got a DTensor gradient")
             work.append(_LocalStep(param, grad, state, args, layout))
             continue
-        check_param(param)
         check_layout(param, layout)
-        sharding = _layout(param)
+        sharding = _layout(param, layout)
         if not _is_dtensor(grad):
             raise TypeError(
                 f"DTensor parameter of shape {tuple(param.shape)} got a plain-tensor gradient "
@@ -677,37 +727,23 @@ def _prepare(
                 f"local shard {tuple(local_param.shape)}; build it with torchcame.init_state or "
                 "load it with CAME.load_state_dict / set_optimizer_state_dict"
             )
-        role = _role(sharding, param.dim())
-        if role == "replicate":  # every rank holds the whole tensor: the reference step
+        if not sharding.sharded:  # every rank holds the whole tensor: the reference step
             work.append(_LocalStep(local_param, local_grad, local_state, args, layout))
             continue
-        shape = param.shape
-        work.append(
-            _ParamStep(
-                param=local_param,
-                grad=local_grad,
-                state=local_state,
-                role=role,
-                group=param.device_mesh.get_group(sharding.mesh_dim),
-                numel=param.numel(),
-                n=shape[-2] if param.dim() >= 2 else 1,
-                m=shape[-1] if param.dim() >= 1 else 1,
-                args=args,
-                layout=layout,
-            )
-        )
+        work.append(_ParamStep(param=local_param, grad=local_grad, state=local_state,
+                               shard=sharding, args=args, layout=layout))
     return work
 
 
 def _execute(work: list) -> None:
-    """Run work items: local ones at once, sharded ones in two phases of batched sums."""
+    """Run work items: local ones at once, sharded ones in phases of batched sums."""
     steps: list[_ParamStep] = []
     for item in work:
         if isinstance(item, _LocalStep):
             item()
             continue
         item.state["step"] += 1
-        if item.numel == 0:
+        if math.prod(item.shard.shape) == 0:
             continue
         dtype = item.layout.compute_dtype
         if item.grad.dtype != dtype:
@@ -717,11 +753,9 @@ def _execute(work: list) -> None:
         steps.append(item)
     if not steps:
         return
+    for phase in (_ParamStep.phase1, _ParamStep.phase2, _ParamStep.phase3):
+        for s in steps:
+            phase(s)
+        _all_reduce_partials(steps)
     for s in steps:
-        s.phase1(s.args)
-    _all_reduce_partials(steps)
-    for s in steps:
-        s.phase2(s.args)
-    _all_reduce_partials(steps)
-    for s in steps:
-        s.finish(s.args)
+        s.finish()

@@ -130,6 +130,10 @@ def step_group(
     with torch.no_grad():
         impl = resolve_impl(params, foreach, fused)
         if any(distributed.is_dtensor(p) for p in params):  # counts when its work runs
+            if impl == "fused":
+                warn_once("torchcame: fused=True on DTensor (FSDP2/TP) parameters: the local "
+                          "shards are stepped with the reference math (no fused kernel on "
+                          "the sharded path yet)")
             distributed.step_dtensor(params, grads, states, args, layouts)
             return
         torch._foreach_add_([state["step"] for state in states], 1.0)

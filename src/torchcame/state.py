@@ -80,12 +80,16 @@ class StateLayout:
             (``(ndim - 2, ndim - 1)`` for the reference rule), or ``None`` for a full second
             moment and no confidence statistic (vectors, scalars).
         compute_dtype: the dtype of the step's math and of every statistic.
+        shard: for a DTensor parameter, its placement as
+            :class:`torchcame.distributed.ShardLayout` (the box of the global tensor this
+            rank holds, the mesh dims that shard each dim); ``None`` for a plain tensor.
     """
 
     momentum: str
     block_size: int
     factored_dims: tuple[int, int] | None
     compute_dtype: torch.dtype
+    shard: Any = None
 
     @property
     def factored(self) -> bool:

@@ -29,6 +29,7 @@ from torch import Tensor
 __all__ = [
     "Corpus",
     "load_corpus",
+    "load_pydoc_topics",
     "stdlib_files",
     "split_of",
     "BatchSampler",
@@ -220,6 +221,41 @@ def load_corpus(
         val=_to_tensor(val),
         train_files=train_files,
         val_files=val_files,
+        sha256=_fingerprint(train, val),
+    )
+
+
+def load_pydoc_topics(
+    *, max_bytes: int = DEFAULT_MAX_BYTES, chunk: int = 4096, val_every: int = 10
+) -> Corpus:
+    """English prose from the standard library: the help topics of ``pydoc_data.topics``.
+
+    The documentation text that ``help("assignment")`` prints (~0.46 MB in Python 3.11):
+    a different distribution from the default corpus (Python source), present wherever
+    Python is. The topics are joined in sorted order and cut into ``chunk``-byte pieces;
+    every ``val_every``-th piece is validation (so both splits cover every part of the
+    documentation), the rest training.
+
+    Args:
+        max_bytes: cap on the bytes used (train and validation together).
+        chunk: piece size of the train/validation interleave.
+        val_every: one piece in this many goes to validation.
+    """
+    from pydoc_data.topics import topics
+
+    text = FILE_SEPARATOR.join(
+        topics[k].encode("utf-8", errors="replace") for k in sorted(topics)
+    )[:max_bytes]
+    pieces = [text[i : i + chunk] for i in range(0, len(text), chunk)]
+    val = b"".join(p for i, p in enumerate(pieces) if i % val_every == val_every - 1)
+    train = b"".join(p for i, p in enumerate(pieces) if i % val_every != val_every - 1)
+    if len(train) < 2 or len(val) < 2:
+        raise ValueError(f"max_bytes={max_bytes} leaves an empty split of the pydoc topics")
+    return Corpus(
+        name=f"pydoc_data.topics of python{sys.version_info.major}.{sys.version_info.minor} "
+        f"({len(topics)} help topics, English)",
+        train=_to_tensor(train),
+        val=_to_tensor(val),
         sha256=_fingerprint(train, val),
     )
 

@@ -1,18 +1,25 @@
-"""Build the optimizers compared by the recipes, by name, with per-optimizer defaults.
+"""Build the optimizers compared by the recipes, by name, with every hyperparameter explicit.
 
 ``build_optimizer("came", model.parameters())`` returns a :class:`torchcame.CAME` with the
-recipe default learning rate; ``lr=`` overrides it. Names: ``came``, ``adamw``,
-``adafactor`` (``torch.optim.Adafactor``: factored second moment, no momentum, relative step
-``min(lr, 1/sqrt(t))`` scaled by the parameter RMS) and ``lamb`` (:class:`LAMB`, below).
+recipe default learning rate and the paper's betas; ``lr=``, ``weight_decay=`` and
+``hyper={"betas": ..., "eps": ..., "clip_threshold": ...}`` override them. Every name is a
+*variant*: a base optimizer plus its hyperparameters, so a configuration with other betas has
+its own name (``came-short``, ``adamw-b95``) and a result can always say exactly what ran.
+
+Base optimizers: :class:`torchcame.CAME`; ``torch.optim.AdamW``; ``torch.optim.Adafactor``
+(factored second moment, no momentum, relative step ``min(lr, 1/sqrt(t))`` scaled by the
+parameter RMS; its update clip ``d`` is called ``clip_threshold`` here); and :class:`LAMB`
+(below). :func:`resolved_hyper` returns the full dict of a run's hyperparameters (what the
+reports and ``claims.json`` record).
 
 The default learning rates (:data:`DEFAULT_LR`) are each optimizer's customary value for a
-small transformer; ``docs/evidence.md`` shows the short sweep that checks them.
+small transformer; ``docs/evidence.md`` shows the sweeps that check them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -21,26 +28,70 @@ from torch.optim import Optimizer
 
 from ..came import CAME
 
-__all__ = ["LAMB", "CAME_VARIANTS", "DEFAULT_LR", "OPTIMIZERS", "build_optimizer", "lamb_step"]
+__all__ = [
+    "LAMB",
+    "CAME_VARIANTS",
+    "DEFAULT_LR",
+    "HYPER_KEYS",
+    "OPTIMIZERS",
+    "VARIANTS",
+    "build_optimizer",
+    "lamb_step",
+    "resolved_hyper",
+]
+
+#: The hyperparameters each base optimizer takes from the command line (besides ``lr`` and
+#: ``weight_decay``, which all take). ``eps`` is a pair for CAME and Adafactor, a number for
+#: AdamW and LAMB; Adafactor has no betas (its second-moment decay is ``beta2_decay``).
+HYPER_KEYS: dict[str, tuple[str, ...]] = {
+    "came": ("betas", "eps", "clip_threshold"),
+    "adamw": ("betas", "eps"),
+    "adafactor": ("beta2_decay", "eps", "clip_threshold"),
+    "lamb": ("betas", "eps"),
+}
+
+_BASE_HYPER: dict[str, dict[str, Any]] = {
+    "came": {"betas": (0.9, 0.999, 0.9999), "eps": (1e-30, 1e-16), "clip_threshold": 1.0},
+    "adamw": {"betas": (0.9, 0.999), "eps": 1e-8},
+    "adafactor": {"beta2_decay": -0.8, "eps": (None, 1e-3), "clip_threshold": 1.0},
+    "lamb": {"betas": (0.9, 0.999), "eps": 1e-6},
+}
+
+#: Every optimizer name the recipes accept: ``(base optimizer, hyperparameters that differ from
+#: the base's defaults, options that are not hyperparameters)``. ``came-short`` is the authors'
+#: current advice for pretraining runs that are short against 1/(1-β3) (their Llama-1B C4
+#: run: betas (0.9, 0.95, 0.995)); ``adamw-b95`` the β2 = 0.95 common in LM pretraining.
+VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "came": ("came", {}, {}),
+    "came-short": ("came", {"betas": (0.9, 0.95, 0.995)}, {}),
+    "came-bc": ("came", {}, {"bias_correction": True}),
+    "came-bf16": ("came", {}, {"momentum_dtype": torch.bfloat16}),
+    "came-int8": ("came", {}, {"momentum_dtype": "int8"}),
+    "came-lowmem": (
+        "came",
+        {},
+        {"momentum_dtype": "int8", "stochastic_rounding": True, "fused": True},
+    ),
+    "adamw": ("adamw", {}, {}),
+    "adamw-b95": ("adamw", {"betas": (0.9, 0.95)}, {}),
+    "adafactor": ("adafactor", {}, {}),
+    "lamb": ("lamb", {}, {}),
+}
 
 #: customary peak learning rate of each optimizer for a small transformer: CAME's is the
 #: authors' recommended 2e-4 (their README), AdamW's the usual 1e-3 of small GPTs, Adafactor's
 #: torch's default 1e-2 (a relative step), LAMB's a common 5e-3. docs/evidence.md sweeps them.
 DEFAULT_LR: dict[str, float] = {
-    "came": 2e-4,
-    "adamw": 1e-3,
-    "adafactor": 1e-2,
-    "lamb": 5e-3,
+    name: {"came": 2e-4, "adamw": 1e-3, "adafactor": 1e-2, "lamb": 5e-3}[base]
+    for name, (base, _, _) in VARIANTS.items()
 }
 
-#: CAME with opt-in options, by name (same default lr as ``came``): 8-bit / bf16 momentum,
-#: bias correction, and the whole low-memory configuration ``came-lowmem`` (bf16 weights,
-#: see :data:`LOWMEM_TRAINING`).
+#: CAME with opt-in options, by name (same default lr as ``came``), kept for callers of the
+#: previous API: name -> the keyword options passed to :class:`torchcame.CAME`.
 CAME_VARIANTS: dict[str, dict[str, Any]] = {
-    "came-bf16": {"momentum_dtype": torch.bfloat16},
-    "came-int8": {"momentum_dtype": "int8"},
-    "came-bc": {"bias_correction": True},
-    "came-lowmem": {"momentum_dtype": "int8", "stochastic_rounding": True, "fused": True},
+    name: options
+    for name, (base, _, options) in VARIANTS.items()
+    if base == "came" and options
 }
 
 #: How the training loop changes for an optimizer name: ``came-lowmem`` trains bf16 weights
@@ -51,9 +102,62 @@ CAME_VARIANTS: dict[str, dict[str, Any]] = {
 LOWMEM_TRAINING: dict[str, dict[str, Any]] = {
     "came-lowmem": {"param_dtype": torch.bfloat16, "step_in_backward": True},
 }
-DEFAULT_LR.update({name: DEFAULT_LR["came"] for name in CAME_VARIANTS})
 
-OPTIMIZERS = tuple(DEFAULT_LR)
+OPTIMIZERS = tuple(VARIANTS)
+
+
+def _tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def resolved_hyper(
+    name: str,
+    *,
+    lr: float | None = None,
+    weight_decay: float = 0.0,
+    hyper: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Every hyperparameter of optimizer ``name`` as it will run (JSON-friendly lists).
+
+    Args:
+        name: one of :data:`OPTIMIZERS` (case-insensitive).
+        lr: peak learning rate; ``None`` takes :data:`DEFAULT_LR` ``[name]``.
+        weight_decay: decoupled weight decay.
+        hyper: overrides of the variant's hyperparameters (keys of :data:`HYPER_KEYS`).
+
+    Returns:
+        ``{"lr", "weight_decay", <the base's HYPER_KEYS>}``, plus the variant's options
+        (``bias_correction``, ...) when it has any.
+
+    Raises:
+        ValueError: unknown name, or an override the base optimizer does not take.
+    """
+    key = name.lower()
+    if key not in VARIANTS:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    base, variant_hyper, options = VARIANTS[key]
+    out: dict[str, Any] = {
+        "lr": float(DEFAULT_LR[key] if lr is None else lr),
+        "weight_decay": float(weight_decay),
+    }
+    values = {**_BASE_HYPER[base], **variant_hyper}
+    for k, v in (hyper or {}).items():
+        if k not in HYPER_KEYS[base]:
+            raise ValueError(
+                f"{name}: unknown hyperparameter {k!r} (it takes lr, weight_decay, "
+                f"{', '.join(HYPER_KEYS[base])})"
+            )
+        values[k] = _tuple(v)
+    if base == "came" and len(values["betas"]) != 3:
+        raise ValueError(f"{name}: betas needs three values (β1, β2, β3), got {values['betas']}")
+    if base in ("adamw", "lamb") and len(values["betas"]) != 2:
+        raise ValueError(f"{name}: betas needs two values (β1, β2), got {values['betas']}")
+    for k in HYPER_KEYS[base]:
+        v = values[k]
+        out[k] = list(v) if isinstance(v, tuple) else v
+    for k, v in options.items():
+        out[k] = str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v
+    return out
 
 
 def lamb_step(
@@ -172,29 +276,48 @@ def build_optimizer(
     *,
     lr: float | None = None,
     weight_decay: float = 0.0,
+    hyper: Mapping[str, Any] | None = None,
 ) -> Optimizer:
-    """Build an optimizer by name with its recipe default learning rate.
+    """Build an optimizer by name with its recipe defaults and any overrides.
 
     Args:
         name: one of :data:`OPTIMIZERS` (case-insensitive).
         params: parameters or param groups.
         lr: peak learning rate; ``None`` takes :data:`DEFAULT_LR` ``[name]``.
         weight_decay: decoupled weight decay (every optimizer here scales it by ``lr``).
+        hyper: overrides of ``betas``, ``eps``, ``clip_threshold`` (CAME, Adafactor's ``d``)
+            or ``beta2_decay`` (Adafactor); see :data:`HYPER_KEYS`.
 
     Returns:
-        The optimizer. Hyperparameters other than ``lr``/``weight_decay`` are each
-        optimizer's own defaults (CAME: betas (0.9, 0.999, 0.9999), eps (1e-30, 1e-16),
-        clip 1.0; AdamW: betas (0.9, 0.999), eps 1e-8; Adafactor: beta2_decay -0.8,
-        d 1.0; LAMB: betas (0.9, 0.999), eps 1e-6).
+        The optimizer. Defaults other than the variant's: CAME betas (0.9, 0.999, 0.9999),
+        eps (1e-30, 1e-16), clip 1.0; AdamW betas (0.9, 0.999), eps 1e-8; Adafactor
+        beta2_decay -0.8, eps (None, 1e-3), d 1.0; LAMB betas (0.9, 0.999), eps 1e-6.
     """
     key = name.lower()
-    if key not in DEFAULT_LR:
-        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-    lr = DEFAULT_LR[key] if lr is None else float(lr)
-    if key == "came" or key in CAME_VARIANTS:
-        return CAME(params, lr=lr, weight_decay=weight_decay, **CAME_VARIANTS.get(key, {}))
-    if key == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if key == "adafactor":
-        return torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay)
-    return LAMB(params, lr=lr, weight_decay=weight_decay)
+    h = resolved_hyper(key, lr=lr, weight_decay=weight_decay, hyper=hyper)
+    base, _, options = VARIANTS[key]
+    lr, wd = h["lr"], h["weight_decay"]
+    if base == "came":
+        return CAME(
+            params,
+            lr=lr,
+            betas=tuple(h["betas"]),
+            eps=tuple(h["eps"]),
+            clip_threshold=float(h["clip_threshold"]),
+            weight_decay=wd,
+            **options,
+        )
+    if base == "adamw":
+        return torch.optim.AdamW(
+            params, lr=lr, betas=tuple(h["betas"]), eps=float(h["eps"]), weight_decay=wd
+        )
+    if base == "adafactor":
+        return torch.optim.Adafactor(
+            params,
+            lr=lr,
+            beta2_decay=float(h["beta2_decay"]),
+            eps=tuple(h["eps"]),
+            d=float(h["clip_threshold"]),
+            weight_decay=wd,
+        )
+    return LAMB(params, lr=lr, betas=tuple(h["betas"]), eps=float(h["eps"]), weight_decay=wd)

@@ -22,6 +22,7 @@ import argparse
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,15 @@ import torch
 from ..memory import MB, measure_step_memory, optimizer_state_bytes
 from ..step_in_backward import step_in_backward
 from .data import MLM_VOCAB, PAD_ID, BatchSampler, Corpus, load_corpus, mask_tokens
-from .optimizers import DEFAULT_LR, LOWMEM_TRAINING, OPTIMIZERS, build_optimizer
+from .optimizers import (
+    DEFAULT_LR,
+    HYPER_KEYS,
+    LOWMEM_TRAINING,
+    OPTIMIZERS,
+    VARIANTS,
+    build_optimizer,
+    resolved_hyper,
+)
 
 __all__ = [
     "LMConfig",
@@ -50,7 +59,7 @@ __all__ = [
 class LMConfig:
     """What a GPT or BERT comparison runs (all fields are recorded in the report)."""
 
-    task: str = "gpt"  # "gpt" (causal LM) or "bert" (masked LM)
+    task: str = "gpt"  # "gpt" (causal LM), "bert" (masked LM) or "llama" (causal LM)
     n_layer: int = 2
     d_model: int = 128
     n_head: int = 4
@@ -66,6 +75,8 @@ class LMConfig:
     mask_prob: float = 0.15
     optimizers: tuple[str, ...] = ("came", "adamw", "adafactor")
     lrs: dict[str, float] = field(default_factory=dict)  # overrides of DEFAULT_LR
+    # per-optimizer overrides of betas, eps, clip_threshold, beta2_decay, weight_decay
+    hyper: dict[str, dict[str, Any]] = field(default_factory=dict)
     seeds: tuple[int, ...] = (0,)
     device: str = "cpu"
     data: str | None = None  # None: the standard library of this interpreter
@@ -75,9 +86,26 @@ class LMConfig:
     def lr_of(self, name: str) -> float:
         return float(self.lrs.get(name, DEFAULT_LR[name]))
 
+    def weight_decay_of(self, name: str) -> float:
+        return float(self.hyper.get(name, {}).get("weight_decay", self.weight_decay))
+
+    def overrides_of(self, name: str) -> dict[str, Any]:
+        """The hyperparameter overrides of ``name`` other than lr and weight decay."""
+        return {k: v for k, v in self.hyper.get(name, {}).items() if k != "weight_decay"}
+
+    def hyper_of(self, name: str, lr: float | None = None) -> dict[str, Any]:
+        """Every hyperparameter optimizer ``name`` runs with (see ``resolved_hyper``)."""
+        return resolved_hyper(
+            name,
+            lr=self.lr_of(name) if lr is None else lr,
+            weight_decay=self.weight_decay_of(name),
+            hyper=self.overrides_of(name),
+        )
+
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["lrs"] = {name: self.lr_of(name) for name in self.optimizers}
+        d["hyper"] = {name: self.hyper_of(name) for name in self.optimizers}
         return d
 
 
@@ -104,7 +132,9 @@ def set_threads(threads: int | None = None) -> int:
 
 
 def build_model(cfg: LMConfig) -> torch.nn.Module:
-    """A freshly initialized GPT-2 (``GPT2LMHeadModel``) or BERT (``BertForMaskedLM``).
+    """A freshly initialized GPT-2 (``GPT2LMHeadModel``), BERT (``BertForMaskedLM``) or
+    Llama (``LlamaForCausalLM``: RMSNorm, rotary positions, SwiGLU of width 8/3·d_model
+    rounded up to a multiple of 8).
 
     Built from a config, never downloaded. Byte vocabulary (256; BERT adds 4 special ids),
     no dropout (the runs are short and deterministic), feed-forward width 4·d_model, tied
@@ -141,7 +171,22 @@ def build_model(cfg: LMConfig) -> torch.nn.Module:
             pad_token_id=PAD_ID,
         )
         return transformers.BertForMaskedLM(config)
-    raise ValueError(f"unknown task {cfg.task!r} (gpt or bert)")
+    if cfg.task == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=256,
+            hidden_size=cfg.d_model,
+            intermediate_size=8 * math.ceil(8 * cfg.d_model / 3 / 8),
+            num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head,
+            num_key_value_heads=cfg.n_head,
+            max_position_embeddings=cfg.seq_len,
+            tie_word_embeddings=True,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+        )
+        return transformers.LlamaForCausalLM(config)
+    raise ValueError(f"unknown task {cfg.task!r} (gpt, bert or llama)")
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -166,7 +211,7 @@ class _Task:
         self.window = cfg.seq_len - 2 if cfg.task == "bert" else cfg.seq_len
 
     def prepare(self, tokens: torch.Tensor, gen: torch.Generator | None = None) -> dict:
-        if self.cfg.task == "gpt":
+        if self.cfg.task != "bert":
             return {"input_ids": tokens, "labels": tokens}
         inputs, labels = mask_tokens(tokens, gen or self.mask_gen, mask_prob=self.cfg.mask_prob)
         b = tokens.shape[0]
@@ -207,8 +252,18 @@ def run_one(
     lr: float | None = None,
     progress: bool = True,
     eval_sets: tuple[list[dict], list[dict]] | None = None,
+    init_state: dict[str, torch.Tensor] | None = None,
+    extra_evals: dict[str, list[dict]] | None = None,
+    keep_model: bool = False,
 ) -> dict[str, Any]:
-    """Train one model with one optimizer and seed; return the run dict for the report."""
+    """Train one model with one optimizer and seed; return the run dict for the report.
+
+    Args:
+        init_state: a state dict to start from (fine-tuning) instead of the seed's init.
+        extra_evals: more fixed batches, by name, evaluated at the end:
+            ``final_<name>_loss`` in the run dict (NaN when diverged).
+        keep_model: put the trained model in the run dict under ``"model"``.
+    """
     from tqdm.auto import tqdm
 
     device = torch.device(cfg.device)
@@ -222,9 +277,19 @@ def run_one(
     train_eval, val_eval = eval_sets
     torch.manual_seed(seed)
     lowmem = LOWMEM_TRAINING.get(optimizer, {})
-    model = build_model(cfg).to(device, dtype=lowmem.get("param_dtype", torch.float32))
+    model = build_model(cfg)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    model = model.to(device, dtype=lowmem.get("param_dtype", torch.float32))
     model.train()
-    opt = build_optimizer(optimizer, model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    hyper = cfg.hyper_of(optimizer, lr)
+    opt = build_optimizer(
+        optimizer,
+        model.parameters(),
+        lr=lr,
+        weight_decay=cfg.weight_decay_of(optimizer),
+        hyper=cfg.overrides_of(optimizer),
+    )
     in_backward = step_in_backward(opt) if lowmem.get("step_in_backward") else None
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(cfg.warmup, cfg.steps, cfg.min_lr_ratio)
@@ -262,6 +327,7 @@ def run_one(
         disable=not progress,
         dynamic_ncols=True,
         leave=True,
+        mininterval=0.1 if sys.stderr.isatty() else 10.0,  # logs: a line every 10 s
     )
     for step in bar:
         batch = _to(task.prepare(next(sampler)), device)
@@ -296,10 +362,18 @@ def run_one(
     state_bytes = optimizer_state_bytes(opt)
     final_val = math.nan if diverged else hist["val_loss"][-1]
     final_train = math.nan if diverged else _evaluate(model, train_eval, device)
+    extra = {
+        f"final_{name}_loss": math.nan if diverged else _evaluate(model, batches, device)
+        for name, batches in (extra_evals or {}).items()
+    }
+    if keep_model:
+        extra["model"] = model
     return {
+        **extra,
         "task": cfg.task,
         "optimizer": optimizer,
         "lr": lr,
+        "hyper": hyper,
         "seed": seed,
         "params": sum(p.numel() for p in model.parameters()),
         "batch_size": cfg.batch_size,
@@ -324,6 +398,7 @@ def run_comparison(
     for name in cfg.optimizers:
         if name not in DEFAULT_LR:
             raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+        cfg.hyper_of(name)  # an override the optimizer does not take fails before training
     if corpus is None:
         corpus = load_corpus(cfg.data, max_bytes=cfg.max_bytes)
     task = _Task(cfg, 0)
@@ -354,6 +429,57 @@ def _parse_lrs(items: Sequence[str] | None, optimizers: Sequence[str]) -> dict[s
     return lrs
 
 
+def _number_or_none(text: str) -> float | None:
+    text = text.strip()
+    return None if text.lower() == "none" else float(text)
+
+
+def parse_hyper(
+    args: argparse.Namespace, optimizers: Sequence[str]
+) -> tuple[float | None, dict[str, dict[str, Any]]]:
+    """The hyperparameter options of :func:`add_common_args` as per-optimizer overrides.
+
+    Returns:
+        ``(global weight decay or None, {name: {key: value}})``. A bare value applies to every
+        optimizer of ``optimizers`` whose base optimizer takes the key; ``NAME=VALUES`` to one
+        (which must be among ``optimizers``).
+    """
+    hyper: dict[str, dict[str, Any]] = {}
+    global_wd = None
+    options = (
+        ("weight_decay", "--weight-decay"),
+        ("betas", "--betas"),
+        ("eps", "--eps"),
+        ("clip_threshold", "--clip-threshold"),
+        ("beta2_decay", "--beta2-decay"),
+    )
+    for key, flag in options:
+        for item in getattr(args, key, None) or []:
+            name, sep, text = item.partition("=")
+            if not sep:
+                name, text = "", item
+            values = [_number_or_none(v) for v in text.split(",") if v.strip()]
+            if not values:
+                raise SystemExit(f"{flag} {item!r}: no value")
+            scalar = key in ("weight_decay", "clip_threshold", "beta2_decay")
+            value: Any = values[0] if scalar or (key == "eps" and len(values) == 1) else tuple(
+                values
+            )
+            name = name.strip().lower()
+            if name:
+                if name not in optimizers:
+                    raise SystemExit(f"{flag} {item!r}: {name!r} is not among --optimizers")
+                targets = [name]
+            elif key == "weight_decay":
+                global_wd = float(value)
+                continue
+            else:
+                targets = [n for n in optimizers if key in HYPER_KEYS[VARIANTS[n][0]]]
+            for target in targets:
+                hyper.setdefault(target, {})[key] = value
+    return global_wd, hyper
+
+
 def add_common_args(parser: argparse.ArgumentParser, defaults: LMConfig) -> None:
     """The options every LM recipe and the demo share."""
     g = parser.add_argument_group("model")
@@ -367,7 +493,13 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: LMConfig) -> None
     g.add_argument(
         "--warmup", type=int, default=None, help="warmup steps (default: 10%% of --steps)"
     )
-    g.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    g.add_argument(
+        "--weight-decay",
+        action="append",
+        metavar="[NAME=]WD",
+        help=f"decoupled weight decay, 'came=0.01' or '0.01' for all; repeatable "
+        f"(default {defaults.weight_decay:g})",
+    )
     g.add_argument(
         "--grad-clip",
         type=float,
@@ -386,6 +518,25 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: LMConfig) -> None
         help="peak lr override: 'came=1e-3' or '1e-3' for all; repeatable "
         f"(defaults: {', '.join(f'{k} {v:g}' for k, v in DEFAULT_LR.items())})",
     )
+    g = parser.add_argument_group(
+        "optimizer hyperparameters",
+        "Each takes 'NAME=VALUES' (one optimizer) or bare VALUES (every selected optimizer that "
+        "has the hyperparameter) and repeats. Defaults are each variant's own (came: betas "
+        "0.9,0.999,0.9999, eps 1e-30,1e-16, clip 1; came-short: betas 0.9,0.95,0.995; adamw: "
+        "betas 0.9,0.999, eps 1e-8; adamw-b95: betas 0.9,0.95; adafactor: eps None,1e-3, "
+        "clip (d) 1, beta2-decay -0.8; lamb: betas 0.9,0.999, eps 1e-6). Every value used is "
+        "recorded in the report.",
+    )
+    g.add_argument("--betas", action="append", metavar="[NAME=]B1,B2[,B3]")
+    g.add_argument("--eps", action="append", metavar="[NAME=]EPS[,EPS2]")
+    g.add_argument(
+        "--clip-threshold",
+        action="append",
+        metavar="[NAME=]D",
+        help="CAME's update clip d; Adafactor's d",
+    )
+    g.add_argument("--beta2-decay", action="append", metavar="[NAME=]C", help="Adafactor only")
+    g = parser.add_argument_group("runs")
     g.add_argument(
         "--seeds",
         default=",".join(map(str, defaults.seeds)),
@@ -421,7 +572,8 @@ def config_from_args(args: argparse.Namespace, task: str) -> LMConfig:
         if name not in DEFAULT_LR:
             raise SystemExit(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 10)
-    return LMConfig(
+    global_wd, hyper = parse_hyper(args, optimizers)
+    cfg = LMConfig(
         task=task,
         n_layer=args.layers,
         d_model=args.d_model,
@@ -430,7 +582,8 @@ def config_from_args(args: argparse.Namespace, task: str) -> LMConfig:
         batch_size=args.batch_size,
         steps=args.steps,
         warmup=warmup,
-        weight_decay=args.weight_decay,
+        weight_decay=LMConfig.weight_decay if global_wd is None else global_wd,
+        hyper=hyper,
         grad_clip=args.grad_clip,
         eval_every=max(1, min(args.eval_every, args.steps)),
         eval_batches=args.eval_batches,
@@ -442,6 +595,12 @@ def config_from_args(args: argparse.Namespace, task: str) -> LMConfig:
         max_bytes=args.max_bytes,
         measure_memory=not args.no_memory,
     )
+    for name in optimizers:
+        try:
+            cfg.hyper_of(name)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+    return cfg
 
 
 def claim_checks(rows: Sequence[dict[str, Any]]) -> list[str]:
