@@ -6,6 +6,8 @@ Two gloo ranks on CPU (one OS process each, ``OMP_NUM_THREADS=1``) run
 batch- and vector-sharded parameters, uneven shards), 12 steps, each rank on its half of the
 global batch. Parameters and state must be within the tolerance of ``test_distributed.py``
 (float32, ``max|a - b| <= 1e-5 * max|b|`` per tensor) of its single-process reference run.
+``save_state`` after 6 steps and ``load_state`` then 6 more steps end bitwise where the
+straight run does.
 
 On CPU, accelerate 1.15 sets up FSDP only for GPU-like multi-process types; with
 ``DistributedType.MULTI_CPU`` it silently prepares DDP instead (the test checks that this
@@ -76,6 +78,8 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
                              for n, p in model.named_parameters()}}
     all_reduces = []
     for step in range(STEPS):
+        if step == STEPS // 2:
+            accelerator.save_state(str(out / "state"))
         idx, target = local_batch(step, rank, world)
         accelerator.backward(loss_fn(model, idx, target))
         count, _ = _count_all_reduces(optim.step)
@@ -84,6 +88,14 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
     result["all_reduces"] = all_reduces
     result["is_fsdp2_after_training"] = accelerator.is_fsdp2
     result.update(snapshot(model, optim.optimizer))
+    # load_state of the middle checkpoint, then the second half again: the same end, bitwise
+    accelerator.load_state(str(out / "state"))
+    for step in range(STEPS // 2, STEPS):
+        idx, target = local_batch(step, rank, world)
+        accelerator.backward(loss_fn(model, idx, target))
+        optim.step()
+        optim.zero_grad()
+    result["resumed"] = snapshot(model, optim.optimizer)
     if rank == 0:
         torch.save(result, out / "accelerate_fsdp2.pt")
     accelerator.wait_for_everyone()
@@ -127,6 +139,16 @@ def test_accelerate_fsdp2_equals_single_process(run) -> None:
     reference = reference_run(STEPS)
     assert_close_rel(run["params"], reference["params"])
     assert_close_rel(run["state"], reference["state"])
+
+
+@pytest.mark.distributed
+def test_accelerate_fsdp2_save_state_resumes_exactly(run) -> None:
+    """``accelerator.save_state`` after 6 steps (CAME's sharded state through DCP), then
+    ``load_state`` and the last 6 steps again: parameters and state bitwise equal."""
+    for kind in ("params", "state"):
+        assert run["resumed"][kind].keys() == run[kind].keys()
+        for key, value in run[kind].items():
+            assert torch.equal(run["resumed"][kind][key], value), key
 
 
 if __name__ == "__main__":
