@@ -66,10 +66,10 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 #: The one shape list: 0-d .. 4-d, non-square (both ways), a batch of matrices, a 1x1 conv,
 #: a 1x1 matrix, zero-size tensors (rows, columns, a vector, a batch), and one tensor large
-#: enough for the fused kernel's row-parallel branch next to the small ones of its
-#: tensor-parallel branch.
+#: enough for the fused kernel's row-parallel branch (> 32768 elements: two chunks of rows,
+#: each summed in blocks of 32 rows) next to the small ones of its tensor-parallel branch.
 SHAPES = [(), (7,), (5, 3), (3, 8), (2, 4, 6), (2, 3, 4, 5), (6, 5, 1, 1), (1, 1), (33, 65),
-          (0, 4), (4, 0), (0,), (0, 3, 2), (120, 96), (9,)]
+          (0, 4), (4, 0), (0,), (0, 3, 2), (260, 130), (9,)]
 #: Indices into SHAPES: a parameter whose gradient is None on odd steps, and one that never
 #: gets a gradient (it must keep no state and not move).
 NONE_ON_ODD_STEPS = 1
@@ -231,8 +231,11 @@ STATE_TOLERANCES: dict[tuple[torch.dtype, str], Tol] = {
 }
 
 #: Momentum stored in bf16 or int8, where it is not bitwise: a float32 m a few ulps away can
-#: round to the neighbouring bf16 value or int8 code (at most one apart).
-MOMENTUM_BF16_TOL = Tol(2**-7, 1e-30)  # one bf16 spacing: <= 2^-7 of the value
+#: round to the neighbouring bf16 value or int8 code (at most one code apart). "A few ulps"
+#: is absolute, not relative: m = β1·m + (1 − β1)·û cancels to values far below its O(1)
+#: terms, so its float32 error is ~1e-7 of the terms (the float32 atol above), which is
+#: several bf16 spacings of a tiny m (seen: 2 spacings of an m of 1e-5, transposed grads).
+MOMENTUM_BF16_TOL = Tol(2**-7, 1e-5)  # one bf16 spacing (<= 2^-7 of the value), or the atol
 MOMENTUM_INT8_MAX_CODE_DIFF = 1
 
 

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from torchcame import CAME
+
 
 def make_params(shapes, dtype=torch.float32, seed: int = 0, layout: str = "contiguous"):
     """Leaf tensors of ``shapes`` drawn from N(0, 1) in float64 (the same values in every
@@ -71,6 +73,45 @@ def train(optimizer, steps: int, set_grads: Callable[[int], object], *, start: i
             after(t)
         if zero_grad:
             optimizer.zero_grad()
+
+
+def grads_of(params, layout: str = "contiguous"):
+    """The table's gradients for step t (tests/cases.py): N(0, s²) with s cycling through
+    GRAD_SCALES, None for the params the table leaves without a gradient."""
+    from cases import GRAD_SCALES, NEVER_GRAD, NONE_ON_ODD_STEPS
+
+    def grads(t: int):
+        out = [relayout(g, layout) for g in
+               random_grads(params, t, scale=GRAD_SCALES[t % len(GRAD_SCALES)])]
+        if t % 2:
+            out[NONE_ON_ODD_STEPS] = None
+        out[NEVER_GRAD] = None
+        return out
+    return grads
+
+
+def run_case(case, dtype: torch.dtype, impl: str, layout: str = "contiguous", shapes=None,
+             steps: int | None = None):
+    """(params, optimizer) after ``steps`` (default STEPS) steps of a table row (``case``,
+    a :class:`cases.Case`) on ``shapes`` (default SHAPES), with the table's gradients."""
+    from cases import IMPLS, SHAPES, STEPS
+
+    params = make_params(SHAPES if shapes is None else shapes, dtype, layout=layout)
+    opt = CAME(params, **case.kwargs(), **IMPLS[impl])
+    torch.manual_seed(0)  # stochastic rounding's draws
+    train(opt, STEPS if steps is None else steps, assign(params, grads_of(params, layout)))
+    return params, opt
+
+
+def assert_same_run(params_a, opt_a, params_b, opt_b, what: str = "") -> None:
+    """Bitwise equal params and state (keys, dtypes, values)."""
+    for i, (a, b) in enumerate(zip(params_a, params_b, strict=True)):
+        assert torch.equal(a, b) and a.dtype == b.dtype, f"{what}: param {i}"
+        sa, sb = opt_a.state.get(a, {}), opt_b.state.get(b, {})
+        assert sa.keys() == sb.keys(), f"{what}: param {i} state keys"
+        for key in sa:
+            assert sa[key].dtype == sb[key].dtype, f"{what}: param {i} {key} dtype"
+            assert torch.equal(sa[key], sb[key]), f"{what}: param {i} {key}"
 
 
 def save_load(obj):

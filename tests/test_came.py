@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import clone_params, make_params, random_grads
+from driver import clone_params, make_params, random_grads
 
 import torchcame
 from torchcame import CAME

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_params, random_grads
+from driver import make_params, random_grads
 from test_parity import spec_state
 
 from torchcame import CAME

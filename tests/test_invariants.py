@@ -25,7 +25,6 @@ from cases import (
     CASE_BY_NAME,
     CASES,
     DTYPES,
-    GRAD_SCALES,
     IMPLS,
     INT8,
     LOW_PRECISION,
@@ -46,11 +45,13 @@ from cases import (
 )
 from driver import (
     assert_raises_untouched,
+    assert_same_run,
     assign,
     clone_params,
+    grads_of,
     make_params,
     random_grads,
-    relayout,
+    run_case,
     save_load,
     train,
 )
@@ -60,26 +61,10 @@ from torchcame import CAME
 # ---------------------------------------------------------------------------- the runs
 
 
-def grads_of(params, layout: str = "contiguous"):
-    """The gradients of step t for the table's params (None where the table says so)."""
-    def grads(t: int):
-        out = [relayout(g, layout) for g in
-               random_grads(params, t, scale=GRAD_SCALES[t % len(GRAD_SCALES)])]
-        if t % 2:
-            out[NONE_ON_ODD_STEPS] = None
-        out[NEVER_GRAD] = None
-        return out
-    return grads
-
-
 @functools.cache
 def run(case: str, dtype: str, impl: str, layout: str = "contiguous"):
-    """(params, optimizer) after STEPS steps of a table row on SHAPES."""
-    params = make_params(SHAPES, DTYPES[dtype], layout=layout)
-    opt = CAME(params, **CASE_BY_NAME[case].kwargs(), **IMPLS[impl])
-    torch.manual_seed(0)  # stochastic rounding's draws
-    train(opt, STEPS, assign(params, grads_of(params, layout)))
-    return params, opt
+    """:func:`driver.run_case`, cached: (a), (d) and (e) share the runs."""
+    return run_case(CASE_BY_NAME[case], DTYPES[dtype], impl, layout)
 
 
 @functools.cache
@@ -213,6 +198,21 @@ def _assert_run_close(params, opt, expected, expected_states, c, dt, impl, what)
             assert p not in opt.state or not opt.state[p], where
         else:
             assert_states_close(opt.state[p], expected_states[i], dt, impl, where)
+            assert_state_dtypes(opt.state[p], p, c, where)
+
+
+def assert_state_dtypes(state: dict, p: torch.Tensor, c, what: str) -> None:
+    """README: statistics in the compute dtype (float32 for bf16/fp16 params), ``step`` a
+    float32 scalar, the momentum in its storage format (int8 codes with float32 scales)."""
+    compute = torch.float32 if p.dtype in LOW_PRECISION else p.dtype
+    options = {**oracle.DEFAULTS, **c.kwargs()}
+    momentum = {"bfloat16": torch.bfloat16, "int8": torch.int8}.get(c.momentum, compute)
+    if c.momentum == "int8" and not oracle.quantized(tuple(p.shape), options):
+        momentum = compute
+    for key, value in state.items():
+        want = {"step": torch.float32, "exp_avg": momentum,
+                "exp_avg_absmax": torch.float32}.get(key, compute)
+        assert value.dtype == want, f"{what} state {key}: {value.dtype}, expected {want}"
 
 
 def _compare_one_step_at_a_time(c, dtype: str, ref_impl: str, impl: str,
@@ -259,17 +259,6 @@ def _float32_and_sr_rows():
     return _impl_matrix(("float32",)) + [
         pytest.param(c.name, "bfloat16", impl, id=f"{c}-bfloat16-{impl}")
         for c in CASES if c.stochastic and "bfloat16" in c.dtypes for impl in IMPLS]
-
-
-def assert_same_run(params_a, opt_a, params_b, opt_b, what: str) -> None:
-    """Bitwise equal params and state (keys, dtypes, values)."""
-    for i, (a, b) in enumerate(zip(params_a, params_b, strict=True)):
-        assert torch.equal(a, b) and a.dtype == b.dtype, f"{what}: param {i}"
-        sa, sb = opt_a.state.get(a, {}), opt_b.state.get(b, {})
-        assert sa.keys() == sb.keys(), f"{what}: param {i} state keys"
-        for key in sa:
-            assert sa[key].dtype == sb[key].dtype, f"{what}: param {i} {key} dtype"
-            assert torch.equal(sa[key], sb[key]), f"{what}: param {i} {key}"
 
 
 @pytest.mark.parametrize("case, dtype, impl", _float32_and_sr_rows())

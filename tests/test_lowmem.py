@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import clone_params, make_params, random_grads, save_load
+from driver import clone_params, make_params, random_grads, save_load
 
 from torchcame import CAME, step_in_backward
 from torchcame.lowbit import (

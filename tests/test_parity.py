@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import SHAPES, clone_params, make_params, random_grads
+from driver import SHAPES, clone_params, make_params, random_grads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
