@@ -150,7 +150,7 @@ def snapshot(optimizer, params) -> dict:
     return snap
 
 
-def _same(a, b, where: str) -> None:
+def assert_same_values(a, b, where: str) -> None:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), where
         assert a.dtype == b.dtype and a.shape == b.shape and a.layout == b.layout, where
@@ -160,11 +160,11 @@ def _same(a, b, where: str) -> None:
     elif isinstance(a, dict):
         assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys changed"
         for k in a:
-            _same(a[k], b[k], f"{where}.{k}")
+            assert_same_values(a[k], b[k], f"{where}.{k}")
     elif isinstance(a, (list, tuple)):
         assert type(a) is type(b) and len(a) == len(b), f"{where}: length changed"
         for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{where}[{i}]")
+            assert_same_values(x, y, f"{where}[{i}]")
     else:
         assert a == b or (a != a and b != b), f"{where}: {a!r} -> {b!r}"
 
@@ -179,5 +179,5 @@ def assert_raises_untouched(optimizer, params, action: Callable[[], object], exc
     before = snapshot(optimizer, params)
     with pytest.raises(exc_type, match=match) as info:
         action()
-    _same(snapshot(optimizer, params), before, "after the error")
+    assert_same_values(snapshot(optimizer, params), before, "after the error")
     return info.value
