@@ -118,15 +118,15 @@ def assert_states_close(actual: dict, expected: dict, dtype, path, what) -> None
             limit = 0 if exact else MOMENTUM_INT8_MAX_CODE_DIFF
             assert bool(((got.int() - want.int()).abs() <= limit).all()), where
         elif got.dtype == torch.bfloat16 and key == "exp_avg":
-            assert_close(got, want.to(got.dtype), EXACT_OR(exact, MOMENTUM_BF16_TOL), where)
+            assert_close(got, want.to(got.dtype), exact_or(exact, MOMENTUM_BF16_TOL), where)
         elif key == "exp_avg":  # m is O(1) and may cancel to ~0: the params' absolute part
-            assert_close(got, want, EXACT_OR(exact, Tol(tol.rtol, param_atol(dtype, path))),
+            assert_close(got, want, exact_or(exact, Tol(tol.rtol, param_atol(dtype, path))),
                          where)
         else:
             assert_close(got, want, tol, where)
 
 
-def EXACT_OR(exact: bool, tol: Tol) -> Tol:  # noqa: N802 - reads as a tolerance
+def exact_or(exact: bool, tol: Tol) -> Tol:
     return Tol(0.0, 0.0) if exact else tol
 
 
@@ -238,6 +238,20 @@ def _compare_one_step_at_a_time(c, dtype: str, ref_impl: str, impl: str,
         expected_states = [dict(ref.state[q]) if q in ref.state else None for q in ref_params]
         _assert_run_close(params, opt, [q.detach() for q in ref_params], expected_states, c,
                           dt, path, f"{c}/{dtype}/{impl}/{layout} step {t}")
+
+
+@pytest.mark.parametrize("case", ["default", "everything"])
+def test_long_run_matches_oracle(case: str) -> None:
+    """40 steps in float64 (the table's runs are 6): drift the short runs cannot show."""
+    c = CASE_BY_NAME[case]
+    params, opt = run_case(c, torch.float64, "reference", steps=40)
+    o = oracle.Oracle(make_params(SHAPES, torch.float64), c.kwargs())
+    grads = grads_of(params)
+    for t in range(40):
+        o.step(grads(t))
+    tol = param_tol(torch.float64, "reference")
+    for i, (p, want) in enumerate(zip(params, o.theta, strict=True)):
+        assert_close(p.detach(), want, tol, f"{case} param {i} after 40 steps")
 
 
 def test_every_option_is_in_the_table() -> None:
