@@ -65,15 +65,20 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 # ---------------------------------------------------------------------------- shapes
 
 #: The one shape list: 0-d .. 4-d, non-square (both ways), a batch of matrices, a 1x1 conv,
-#: a 1x1 matrix, zero-size tensors (rows, columns, a vector, a batch), and one tensor large
-#: enough for the fused kernel's row-parallel branch (> 32768 elements: two chunks of rows,
-#: each summed in blocks of 32 rows) next to the small ones of its tensor-parallel branch.
+#: a 1x1 matrix, zero-size tensors (rows, columns, a vector, a batch), and one matrix big
+#: enough to take the fused kernel's one-tensor-at-a-time (row-parallel) branch next to the
+#: small ones of its tensor-parallel branch, yet under torch's 32768-element grain, so the
+#: suite's elementwise ops stay single-threaded (on a busy 2-core machine every OpenMP region
+#: waits for a descheduled thread). Several chunks of rows: test_impls.py, (300, 200).
 SHAPES = [(), (7,), (5, 3), (3, 8), (2, 4, 6), (2, 3, 4, 5), (6, 5, 1, 1), (1, 1), (33, 65),
-          (0, 4), (4, 0), (0,), (0, 3, 2), (260, 130), (9,)]
-#: Indices into SHAPES: a parameter whose gradient is None on odd steps, and one that never
-#: gets a gradient (it must keep no state and not move).
+          (0, 4), (4, 0), (0,), (0, 3, 2), (200, 160), (9,)]
+#: The shapes without the big matrix, for runs that repeat many steps.
+SMALL_SHAPES = [s for s in SHAPES if math.prod(s) <= 4096]
+#: Indices into SHAPES (or any shape list ending in a vector): a parameter whose gradient is
+#: None on odd steps, and the last one, which never gets a gradient (it must keep no state
+#: and not move).
 NONE_ON_ODD_STEPS = 1
-NEVER_GRAD = len(SHAPES) - 1
+NEVER_GRAD = -1
 ZERO_SIZE = tuple(i for i, s in enumerate(SHAPES) if math.prod(s) == 0)
 
 #: Steps per run, and the gradient scale of step t: GRAD_SCALES[t % 3] (x30 makes the RMS

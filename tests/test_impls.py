@@ -22,9 +22,25 @@ def test_foreach_chunking_does_not_change_results(monkeypatch):
     from torchcame._impl import foreach
 
     monkeypatch.setattr(foreach, "CHUNK_ELEMENTS", 64)  # many chunks, some single-tensor
-    case = CASE_BY_NAME["everything"]
+    case = CASE_BY_NAME["maximize"]  # ("everything" has options the foreach path hands on)
     assert_same_run(*run_case(case, torch.float32, "foreach"),
                     *run_case(case, torch.float32, "reference"), "chunked foreach")
+
+
+@pytest.mark.parametrize("case, dtype", [("weight_decay", torch.float32),
+                                         ("maximize", torch.bfloat16)])
+def test_fused_row_chunks_match_reference(case, dtype):
+    """A matrix of more than 32768 elements: the fused kernel sums its rows in several chunks
+    on several threads and combines the partial sums (the table's big matrix is one chunk)."""
+    row, shapes = CASE_BY_NAME[case], [(300, 200), SHAPES[1], SHAPES[2]]
+    params, opt = run_case(row, dtype, "fused", shapes=shapes + [(9,)])
+    ref_params, ref_opt = run_case(row, dtype, "reference", shapes=shapes + [(9,)])
+    tol, state_tol = param_tol(dtype, "fused"), param_tol(torch.float32, "fused")
+    for p, q in zip(params[:3], ref_params[:3], strict=True):
+        torch.testing.assert_close(p, q, rtol=tol.rtol, atol=tol.atol)
+        for key, value in ref_opt.state[q].items():
+            torch.testing.assert_close(opt.state[p][key], value, rtol=state_tol.rtol,
+                                       atol=state_tol.atol)
 
 
 def test_fused_without_kernel_falls_back_to_foreach(monkeypatch):
