@@ -459,3 +459,65 @@ def test_use_triton(monkeypatch):
     assert tk.use_triton(torch.device("cpu")) is False
     monkeypatch.setenv("TORCHCAME_FUSED_BACKEND", "triton")
     assert tk.use_triton(torch.device("cpu")) is tk.interpreted()
+
+
+_AOT_SCRIPT = r"""
+import collections, re, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from torchcame._impl import triton_kernels as tk
+
+assert not tk.interpreted()
+ops = collections.Counter()
+
+def compile_(fn, types, **consts):
+    sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"enable_fp_fusion": False})
+    ops.update(re.findall(r"\b(fma\.rn\.f32|div\.\w+\.f32|sqrt\.\w+\.f32|atom\.|red\.)",
+                          kernel.asm["ptx"]))
+
+f = "fp32"
+base = dict(meta="*i64", fmeta="*fp32", prog_map="*i32", ws="*fp32")
+row = dict(base, eps1=f, eps2=f, b1=f, a1=f, sign=f)
+for PASS in (1, 2, 3):
+    compile_(tk._rowtile_kernel, row, PASS=PASS, P_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16,
+             M_FMT=2, M_DTYPE=tl.int8, BLOCK_N=8, BLOCK_M=256)
+compile_(tk._rowtile_kernel, row, PASS=3, P_DTYPE=tl.float32, G_DTYPE=tl.float32, M_FMT=0,
+         M_DTYPE=tl.float32, BLOCK_N=8, BLOCK_M=256)
+compile_(tk._finalize_kernel, dict(base, beta=f, one_minus_beta=f), RES=1, BLOCK=256)
+compile_(tk._denom_kernel, dict(meta="*i64", fmeta="*fp32", ws="*fp32", clip=f), BLOCK=256)
+compile_(tk._vector_kernel, dict(base, eps1=f, b2=f, a2=f, sign=f), G_DTYPE=tl.float16,
+         BLOCK=1024)
+upd = dict(base, lr_ptr="*fp64", lr=f, decay=f, neg_wd=f, b1=f, a1=f, sign=f)
+for factored, p, fmt, m, sr in ((True, tl.bfloat16, 2, tl.int8, True),
+                                (False, tl.float16, 1, tl.bfloat16, False)):
+    compile_(tk._update_kernel, upd, FACTORED=factored, P_DTYPE=p, G_DTYPE=tl.float32,
+             M_FMT=fmt, M_DTYPE=m, LR_TENSOR=True, HAS_DECAY=True, SR=sr, QB=8, UW=256)
+print(dict(ops))
+assert ops["fma.rn.f32"] == 0, "a multiply-add was contracted"
+assert ops["atom."] == 0 and ops["red."] == 0, "atomics"
+assert ops["div.rn.f32"] > 0 and ops["sqrt.rn.f32"] > 0
+assert not [k for k in ops if k.startswith(("div.approx", "div.full", "sqrt.approx"))]
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_cuda_without_a_gpu():
+    """Every kernel family compiles to sm_90 machine code (the interpreter does not check
+    types and shapes as the compiler does), with no contracted multiply-add, only correctly
+    rounded divisions and square roots, and no atomics."""
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception as exc:  # pragma: no cover - a triton build without the CUDA backend
+        pytest.skip(f"triton's CUDA backend is not importable: {exc}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
