@@ -54,14 +54,14 @@ STATE_TOL = dict(rtol=1e-5, atol=1e-6)
 
 
 def _setup(shapes, dtype=torch.float32, momentum="float32", block_size=256, seed=0,
-           policy="last_two"):
+           policy="last_two", min_dim=1):
     gen = torch.Generator().manual_seed(seed)
     params, states, layouts = [], [], []
     for shape in shapes:
         p = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
         state = init_state(p, momentum_dtype=MODES[momentum], block_size=block_size,
-                           min_quantized_numel=0, factor_dims=policy)
-        dims = factored_dims(p.shape, policy)
+                           min_quantized_numel=0, factor_dims=policy, factor_min_dim=min_dim)
+        dims = factored_dims(p.shape, policy, min_dim)
         stored = momentum if (momentum != "int8" or p.dim() >= 2) else "float32"
         layouts.append(StateLayout(stored, block_size, dims, torch.float32))
         params.append(p)
@@ -203,6 +203,31 @@ def test_lowbit_matches_reference(dtype, momentum):
         assert p.dtype == dtype
         _assert_params_close(p, q, start[i], dtype, f"{tuple(p.shape)}")
         _assert_states_close(states[i], ref_states[i], f"{tuple(p.shape)}", lowbit=True)
+
+
+def test_int8_momentum_with_the_vector_rule():
+    """A matrix kept unfactored (``factor_dims="largest"`` with ``factor_min_dim`` above its
+    dims) with int8 momentum, and two block sizes in one call."""
+    params, states, layouts = _setup([(3, 5), (4, 6)], momentum="int8", block_size=4,
+                                     policy="largest", min_dim=7)
+    assert all(not lay.factored and lay.quantized for lay in layouts)
+    assert all("exp_avg_sq" in s and "exp_avg_absmax" in s for s in states)
+    params2, states2, layouts2 = _setup([(2, 9)], momentum="int8", block_size=8)
+    start = [p.clone() for p in params + params2]
+    ref, ref_states = _clone(params, states)
+    ref2, ref_states2 = _clone(params2, states2)
+    for step in range(2):
+        grads = _grads(params + params2, step)
+        _triton(params + params2, grads, states + states2, _args(weight_decay=0.1),
+                layouts + layouts2)
+        step_single_tensor(ref, grads[:2], ref_states,
+                           _args(weight_decay=0.1, block_size=4, factor_dims="largest",
+                                 factor_min_dim=7))
+        step_single_tensor(ref2, grads[2:], ref_states2, _args(weight_decay=0.1, block_size=8))
+    for i, (p, q, s, t) in enumerate(zip(params + params2, ref + ref2, states + states2,
+                                         ref_states + ref_states2)):
+        _assert_params_close(p, q, start[i], torch.float32, f"{tuple(p.shape)}")
+        _assert_states_close(s, t, f"{tuple(p.shape)}", lowbit=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

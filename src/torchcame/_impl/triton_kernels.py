@@ -90,7 +90,8 @@ from torch import Tensor
 
 from .common import StepArgs
 
-__all__ = ["step_triton", "triton_available", "use_triton", "LAUNCHES", "interpreted"]
+__all__ = ["step_triton", "triton_available", "use_triton", "LAUNCHES", "interpreted",
+           "traffic_bytes"]
 
 #: Launches per kernel name since import; tests read it to prove the Triton path ran.
 LAUNCHES: dict[str, int] = defaultdict(int)
@@ -173,9 +174,12 @@ _FMT = {"float32": 0, "bfloat16": 1, "int8": 2}
 _MAGIC = 12582912.0  # 1.5 * 2^23: (x + magic) - magic rounds |x| < 2^22 half to even
 
 if triton is not None:
-    from triton import knobs as _knobs  # noqa: E402
+    try:
+        from triton import knobs as _knobs
 
-    _INTERPRETED = bool(_knobs.runtime.interpret)
+        _INTERPRETED = bool(_knobs.runtime.interpret)
+    except ImportError:  # triton < 3.4 reads the variable directly
+        _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
     K_P = tl.constexpr(_C_P)
     K_G = tl.constexpr(_C_G)
@@ -571,6 +575,22 @@ if triton is not None:
 # ------------------------------------------------------------------------------ host side
 
 
+def traffic_bytes(numel: int, param_dtype: torch.dtype, grad_dtype: torch.dtype, momentum: str,
+                  factored: bool, block_size: int = 256) -> float:
+    """Bytes one step of these kernels moves to and from memory for a tensor of ``numel``
+    elements (the table of the module docstring; scratch and O(rows + cols) statistics are
+    not counted). Benchmarks divide it by the step time to get the achieved bandwidth."""
+    p = torch.empty((), dtype=param_dtype).element_size()
+    g = torch.empty((), dtype=grad_dtype).element_size()
+    m = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0 + 4.0 / block_size}[momentum]
+    if factored:
+        per = (3 * g + 3 * m if momentum == "float32" else 4 * g + 3 * m) + 2 * p
+    else:
+        per = 2 * g + 12 + 2 * m + 2 * p
+    return per * numel
+
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -681,9 +701,9 @@ def step_triton(params: list[Tensor], grads: list[Tensor], states: list[dict],
             block_m = min(_next_pow2(param.shape[-1]), MAX_BLOCK_M)
         else:
             block_m = 0
-        unit_w = _next_pow2(layout.block_size) if layout.quantized else FLAT_BLOCK
+        unit = layout.block_size if layout.quantized else FLAT_BLOCK
         key = (param.device, param.dtype, grad.dtype, layout.momentum, layout.factored,
-               block_m, unit_w)
+               block_m, unit)
         groups[key].append(i)
     seed = None
     if args.stochastic_rounding and any(key[1] != torch.float32 for key in groups):
@@ -705,7 +725,7 @@ def step_triton(params: list[Tensor], grads: list[Tensor], states: list[dict],
 
 def _step_group(key: tuple, params: list[Tensor], grads: list[Tensor], states: list[dict],
                 layouts: list, indices: list[int], args: StepArgs, seed: int | None) -> None:
-    device, p_dtype, g_dtype, momentum, factored, block_m, unit_w = key
+    device, p_dtype, g_dtype, momentum, factored, block_m, unit = key
     beta1, beta2, beta3 = args.betas
     eps1, eps2 = args.eps
     fmt = _FMT[momentum]
@@ -717,7 +737,7 @@ def _step_group(key: tuple, params: list[Tensor], grads: list[Tensor], states: l
         raise TypeError(f"torchcame triton: unsupported gradient dtype {g_dtype}")
     block_n = max(1, TILE // block_m) if factored else 0
     sr = bool(args.stochastic_rounding) and p_dtype != torch.float32
-    unit_elems = layouts[0].block_size if momentum == "int8" else FLAT_BLOCK
+    unit_w = _next_pow2(unit)  # the update's tile width; one int8 block per tile row
     qb = max(1, UPDATE_TILE // unit_w)
 
     rows: list[list[int]] = []
@@ -729,9 +749,6 @@ def _step_group(key: tuple, params: list[Tensor], grads: list[Tensor], states: l
     ws_size = 0
     for j, (p, g, st, lay) in enumerate(zip(params, grads, states, layouts)):
         numel = p.numel()
-        unit = lay.block_size if lay.quantized else unit_elems
-        if lay.quantized and unit != unit_elems:
-            raise ValueError("torchcame triton: one block size per group expected")
         row = [0] * _NCOL
         row[_C_P], row[_C_G], row[_C_M] = p.data_ptr(), g.data_ptr(), st["exp_avg"].data_ptr()
         row[_C_AMAX] = st["exp_avg_absmax"].data_ptr() if lay.quantized else 0
