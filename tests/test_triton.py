@@ -159,14 +159,16 @@ def test_float32_matches_reference(config):
 
 
 def test_small_tiles_exercise_every_loop(monkeypatch):
-    """Tiles of 2x4, two row and column groups, 4-element flat blocks: column chunks,
-    row tiles, row/column groups and partial-sum reductions all loop more than once."""
+    """Tiles of 2x4, two row and column groups, 4-element flat blocks and finalize steps:
+    column chunks, row tiles, row/column groups and partial-sum reductions all loop more than
+    once."""
     monkeypatch.setattr(tk, "MAX_BLOCK_M", 4)
     monkeypatch.setattr(tk, "TILE", 8)
     monkeypatch.setattr(tk, "MAX_ROW_GROUPS", 2)
     monkeypatch.setattr(tk, "MAX_COL_GROUPS", 2)
     monkeypatch.setattr(tk, "FLAT_BLOCK", 4)
     monkeypatch.setattr(tk, "UPDATE_TILE", 8)
+    monkeypatch.setattr(tk, "FINALIZE_BLOCK", 4)
     shapes = [(5, 13), (2, 3, 9), (11,)]
     for momentum in ("float32", "int8"):
         params, states, layouts = _setup(shapes, momentum=momentum, block_size=8)
@@ -509,18 +511,20 @@ base = dict(meta="*i64", fmeta="*fp32", prog_map="*i32", ws="*fp32")
 row = dict(base, eps1=f, eps2=f, b1=f, a1=f, sign=f)
 for PASS in (1, 2, 3):
     compile_(tk._rowtile_kernel, row, PASS=PASS, P_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16,
-             M_FMT=2, M_DTYPE=tl.int8, BLOCK_N=8, BLOCK_M=256)
+             M_FMT=2, M_DTYPE=tl.int8, BLOCK_N=8, BLOCK_M=256, IDX64=PASS == 3)
 compile_(tk._rowtile_kernel, row, PASS=3, P_DTYPE=tl.float32, G_DTYPE=tl.float32, M_FMT=0,
-         M_DTYPE=tl.float32, BLOCK_N=8, BLOCK_M=256)
-compile_(tk._finalize_kernel, dict(base, beta=f, one_minus_beta=f), RES=1, BLOCK=256)
+         M_DTYPE=tl.float32, BLOCK_N=8, BLOCK_M=256, IDX64=False)
+compile_(tk._finalize_kernel, dict(base, beta=f, one_minus_beta=f), RES=1, BLOCK=1024)
 compile_(tk._denom_kernel, dict(meta="*i64", fmeta="*fp32", ws="*fp32", clip=f), BLOCK=256)
 compile_(tk._vector_kernel, dict(base, eps1=f, b2=f, a2=f, sign=f), G_DTYPE=tl.float16,
          BLOCK=1024)
 upd = dict(base, lr_ptr="*fp64", lr=f, decay=f, neg_wd=f, b1=f, a1=f, sign=f)
-for factored, p, fmt, m, sr in ((True, tl.bfloat16, 2, tl.int8, True),
-                                (False, tl.float16, 1, tl.bfloat16, False)):
+for factored, p, fmt, m, sr, idx64 in ((True, tl.bfloat16, 2, tl.int8, True, False),
+                                       (True, tl.float32, 0, tl.float32, False, True),
+                                       (False, tl.float16, 1, tl.bfloat16, False, False)):
     compile_(tk._update_kernel, upd, FACTORED=factored, P_DTYPE=p, G_DTYPE=tl.float32,
-             M_FMT=fmt, M_DTYPE=m, LR_TENSOR=True, HAS_DECAY=True, SR=sr, QB=8, UW=256)
+             M_FMT=fmt, M_DTYPE=m, LR_TENSOR=True, HAS_DECAY=True, SR=sr, QB=8, UW=256,
+             IDX64=idx64)
 print(dict(ops))
 assert ops["fma.rn.f32"] == 0, "a multiply-add was contracted"
 assert ops["atom."] == 0 and ops["red."] == 0, "atomics"
