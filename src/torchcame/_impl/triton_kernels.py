@@ -1,12 +1,14 @@
 """Fused CAME step as Triton kernels (CUDA; CPU tensors under ``TRITON_INTERPRET=1``).
 
 :func:`step_triton` steps a list of tensors with a handful of launches. Tensors are grouped by
-(device, parameter dtype, gradient dtype, momentum format, factored or not, tile width); every
-launch covers a whole group. Each program reads its tensor's pointers, shape and scratch
-offsets from a small int64 table (one row per tensor) and finds its tensor through a
-program -> tensor map (one int32 per program, cached per set of shapes), so a model's hundreds
-of biases and norms are stepped by the same few launches as its matrices: no per-tensor Python
-loop of launches, and nothing is copied into a packed buffer.
+(device, parameter dtype, gradient dtype, momentum format and int8 block size, factored or not,
+column tile width: the next power of two of the last dim, capped at ``MAX_BLOCK_M``, so all
+matrices of a transformer share one group); every launch covers a whole group. Each program
+reads its tensor's pointers, shape and scratch offsets from a small int64 table (one row per
+tensor) and finds its tensor through a program -> tensor map (one int32 per program, cached
+per set of shapes), so a model's hundreds of biases and norms are stepped by the same few
+launches as its matrices: no per-tensor Python loop of launches, and nothing is copied into a
+packed buffer.
 
 **Factored tensors** ``(B, n, m)`` (leading dims flattened into ``B``; statistics over the last
 two dims) take seven launches, four of them passes over the tensor:
@@ -63,6 +65,14 @@ bf16/fp16 parameter's dtype before the step, except with stochastic rounding. in
 nearest even: the same codes and bits as :func:`torchcame.lowbit.quantize_blockwise` and the
 CPU kernel for the same float32 momentum, so checkpoints move between the paths both ways.
 
+**Bias correction** (opt-in): ``u`` is scaled by ``sqrt(1 - beta2^t)`` before the RMS clip and
+the step by ``sqrt(1 - beta3^t) / (1 - beta1^t)`` (vectors: ``1 / (1 - beta1^t)``), as the
+reference does, with ``t`` read per tensor from ``state["step"]`` on the host (a CPU tensor:
+no device sync). A tensor ``lr`` is read by the update kernel from memory: a scheduler changing
+it recompiles nothing. Hyperparameter values (lr, betas, eps, clip, weight decay, the sign of
+``maximize``) are runtime arguments; compile-time constants are only the dtypes, the momentum
+format, the tile sizes and three switches (weight decay on, tensor lr, stochastic rounding).
+
 **Stochastic rounding** (bf16/fp16 parameters): the new weight is one of its two neighbours in
 the parameter dtype, the far one with probability (distance to the nearest) / (spacing), from
 ``tl.randint`` (Philox, counter-based: offset = element index, key = a per-tensor seed derived
@@ -72,6 +82,12 @@ not the CPU kernel's random bits.
 **Not handled here** (stepped by the reference path instead, with a one-time warning naming
 both): factored dims other than the last two (``factor_dims="largest"`` moving dims), float64
 parameters, non-contiguous parameters or states. Zero-size tensors are skipped.
+
+**GPU performance is not measured yet** (no GPU where this was written; the kernels compile
+for sm_90 and run under the interpreter in the tests): tile sizes are first guesses, and the
+finalize launch runs one program per (tensor, batch), a serial O(n + m) loop that is the first
+thing to parallelize if profiles show it (e.g. the 50257-row embedding). Element offsets use
+32-bit divisions unless a tensor has 2^31 elements or more.
 
 The environment variable ``TORCHCAME_FUSED_BACKEND=triton`` is a *testing switch*: it makes
 :func:`use_triton` answer ``True`` for CPU tensors, so the kernels run under Triton's
@@ -117,12 +133,21 @@ except Exception as exc:  # noqa: BLE001 - any import failure means "no triton"
 
 
 def triton_available() -> bool:
-    """Whether ``triton`` imports (the kernels below are defined)."""
+    """Whether ``triton`` imports (and so the kernels are defined).
+
+    Returns:
+        ``True`` when ``import triton`` succeeded at import of this module.
+    """
     return triton is not None
 
 
 def interpreted() -> bool:
-    """Whether the kernels were defined under Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    """Whether the kernels were defined under Triton's interpreter.
+
+    Returns:
+        ``True`` when ``TRITON_INTERPRET=1`` was set when this module was imported: the
+        kernels then run on CPU tensors (slowly), and not as compiled GPU code.
+    """
     if triton is None:
         return False
     return _INTERPRETED
@@ -131,9 +156,14 @@ def interpreted() -> bool:
 def use_triton(device: torch.device) -> bool:
     """Whether the fused step should run these kernels for tensors on ``device``.
 
-    CUDA: whenever triton is importable. CPU: only when ``TORCHCAME_FUSED_BACKEND=triton``
-    is set (a testing switch) and the kernels run under the interpreter; with the switch set
-    but no interpreter a warning says how to enable it and ``False`` is returned.
+    Args:
+        device: the parameters' device.
+
+    Returns:
+        For CUDA, whether triton is importable. For CPU, ``True`` only when the testing switch
+        ``TORCHCAME_FUSED_BACKEND=triton`` is set and the kernels run under the interpreter
+        (with the switch set but no interpreter a warning says how to enable it). ``False``
+        for any other device.
     """
     device = torch.device(device)
     if not triton_available():
@@ -591,9 +621,22 @@ if triton is not None:
 
 def traffic_bytes(numel: int, param_dtype: torch.dtype, grad_dtype: torch.dtype, momentum: str,
                   factored: bool, block_size: int = 256) -> float:
-    """Bytes one step of these kernels moves to and from memory for a tensor of ``numel``
-    elements (the table of the module docstring; scratch and O(rows + cols) statistics are
-    not counted). Benchmarks divide it by the step time to get the achieved bandwidth."""
+    """Bytes one step of these kernels moves to and from memory for one tensor.
+
+    The table of the module docstring; scratch and the O(rows + cols) statistics are not
+    counted. Benchmarks divide the sum over a model by the step time to get the achieved
+    bandwidth.
+
+    Args:
+        numel: elements of the parameter.
+        param_dtype, grad_dtype: dtypes of the parameter and its gradient.
+        momentum: the layout's momentum format (``"float32"``, ``"bfloat16"``, ``"int8"``).
+        factored: whether the layout keeps factored statistics.
+        block_size: int8 block size (one float32 scale per block).
+
+    Returns:
+        The bytes read and written, as a float.
+    """
     p = torch.empty((), dtype=param_dtype).element_size()
     g = torch.empty((), dtype=grad_dtype).element_size()
     m = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0 + 4.0 / block_size}[momentum]
