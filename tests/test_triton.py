@@ -427,6 +427,27 @@ def test_launch_counter_and_grouping():
     assert tk.LAUNCHES["update"] > 0 and tk.LAUNCHES["pass3"] > 0
 
 
+def _compiled_variants() -> int:
+    caches = getattr(tk._update_kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this triton version keeps its kernel cache elsewhere")
+    return sum(len(entry[0]) for entry in caches.values())
+
+
+@pytest.mark.skipif(not CUDA, reason="compilation is a GPU matter (the interpreter compiles "
+                    "nothing)")
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+def test_changing_lr_does_not_recompile(lr_kind):
+    params, states, layouts = _setup([(8, 16), (5,)])
+    counts = []
+    for step in range(3):
+        lr = 1e-2 * 0.5**step
+        lr = torch.tensor(lr, device=DEVICE) if lr_kind == "tensor" else lr
+        _triton(params, _grads(params, step), states, _args(lr=lr, weight_decay=0.1), layouts)
+        counts.append(_compiled_variants())
+    assert counts[0] == counts[1] == counts[2] > 0
+
+
 def test_zero_size_tensors_are_skipped():
     params, states, layouts = _setup([(0, 3), (4, 0), (0,), (2, 0, 5)])
     before = dict(tk.LAUNCHES)

@@ -732,6 +732,11 @@ def step_triton(params: list[Tensor], grads: list[Tensor], states: list[dict],
     the kernels do not handle (see the module docstring) are stepped by the reference path,
     with a one-time warning; zero-size tensors are skipped.
 
+    Raises:
+        ValueError: a tensor on a device the kernels cannot run on (anything but CUDA, or
+            CPU under the interpreter), or a state that does not match its layout; raised
+            before anything is changed.
+
     Args:
         params: parameters (float32, bf16 or fp16; contiguous).
         grads: their gradients (any float dtype; copied when non-contiguous).
@@ -741,6 +746,10 @@ def step_triton(params: list[Tensor], grads: list[Tensor], states: list[dict],
     """
     if triton is None:
         raise RuntimeError(f"torchcame: triton is not importable ({_TRITON_ERROR})")
+    for param in params:
+        if not (param.device.type == "cuda" or (param.device.type == "cpu" and _INTERPRETED)):
+            raise ValueError(f"torchcame: the Triton step cannot run on {param.device} tensors "
+                             "(CUDA, or CPU under TRITON_INTERPRET=1 set before import)")
     groups: dict[tuple, list[int]] = defaultdict(list)
     fallback: list[int] = []
     for i, (param, grad, state, layout) in enumerate(zip(params, grads, states, layouts,
