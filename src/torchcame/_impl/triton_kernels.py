@@ -11,17 +11,18 @@ launches as its matrices: no per-tensor Python loop of launches, and nothing is 
 packed buffer.
 
 **Factored tensors** ``(B, n, m)`` (leading dims flattened into ``B``; statistics over the last
-two dims) take seven launches, four of them passes over the tensor:
+two dims) take nine launches, four of them passes over the tensor:
 
 1. *pass 1*, row tiles, read ``g``: row sums and per-row-group column partial sums of
    ``G = g^2 + eps1``;
-2. *finalize*, one program per (tensor, batch): ``r, c`` EMAs from the partial sums, then the
-   factors ``rsqrt(r / mean(r))``, ``rsqrt(c)`` into scratch;
+2. *statistics*: ``r, c`` EMAs from the partial sums, ``rsqrt(c)``, and per-chunk sums of the
+   new ``r`` (one program per ``FINALIZE_BLOCK`` rows or columns of a batch); then *row
+   factors* ``rsqrt(r / mean(r))`` (one program per row chunk);
 3. *pass 2*, row tiles, read ``g``: partial sums of ``u^2``, ``u = (rf_i cf_j) g``;
 4. *denominator*, one program per tensor: ``max(1, RMS(u) / d)`` from the partial sums;
 5. *pass 3*, row tiles, read ``g`` and ``m``: ``u_hat``, the new ``m`` (written back here when
    it is stored in float32) and the row/column sums of ``U = (u_hat - m)^2 + eps2``;
-6. *finalize* of ``R, C`` and their factors;
+6. *statistics* and *row factors* of ``R, C`` (two launches, as in 2);
 7. *update*, flat over storage units (int8 blocks): weight decay, ``p -= lr (Rf_i Cf_j) m``;
    with bf16/int8 momentum it re-reads ``g`` and the old ``m``, recomputes the new ``m`` with
    the same float32 operations as pass 3 (so the same bits) and encodes it block by block.
@@ -45,9 +46,10 @@ int8                ``4G + 3.05 + 2P`` (15.05: bf16 p)  ``2G + 14.03 + 2P``
 update, ``p`` read and written once: the CPU kernel's 32 bytes. Low-bit momentum: ``g`` is
 read a fourth time and ``m`` read twice and written once in its compact format.)
 
-Scratch per factored tensor, in float32: ``(C + 2) B n + (P + 2) B m + B P C + 1`` with ``P``
-row groups (at most ``MAX_ROW_GROUPS``) and ``C`` column groups (at most ``MAX_COL_GROUPS``)
-per batch; per vector: one partial sum per ``FLAT_BLOCK`` elements, plus one.
+Scratch per factored tensor, in float32: ``(C + 2) B n + (P + 2) B m + B P C + B n / 1024 + 1``
+with ``P`` row groups (at most ``MAX_ROW_GROUPS``) and ``C`` column groups (at most
+``MAX_COL_GROUPS``) per batch: O(rows + cols); per vector: one partial sum per ``FLAT_BLOCK``
+elements, plus one. Nothing of the tensor's size is allocated.
 
 **Determinism.** No atomics: every partial sum has one writer, and the reductions of partial
 sums run in a fixed order in one program. Results do not depend on timing; they can differ
@@ -84,10 +86,10 @@ both): factored dims other than the last two (``factor_dims="largest"`` moving d
 parameters, non-contiguous parameters or states. Zero-size tensors are skipped.
 
 **GPU performance is not measured yet** (no GPU where this was written; the kernels compile
-for sm_90 and run under the interpreter in the tests): tile sizes are first guesses, and the
-finalize launch runs one program per (tensor, batch), a serial O(n + m) loop that is the first
-thing to parallelize if profiles show it (e.g. the 50257-row embedding). Element offsets use
-32-bit divisions unless a tensor has 2^31 elements or more.
+for sm_90 and run under the interpreter in the tests): tile sizes are first guesses. The
+denominator launch runs one program per tensor over its ``B P C`` partial sums (a few thousand
+at most for one batch). Element offsets use 32-bit divisions unless a tensor has 2^31
+elements or more.
 
 The environment variable ``TORCHCAME_FUSED_BACKEND=triton`` is a *testing switch*: it makes
 :func:`use_triton` answer ``True`` for CPU tensors, so the kernels run under Triton's
@@ -119,7 +121,7 @@ MAX_ROW_GROUPS = 128  # P: programs along the rows of one batch (column partial 
 MAX_COL_GROUPS = 16  # C: programs along the columns (row partial sums per group)
 FLAT_BLOCK = 1024  # elements per program of the vector pass, units of non-int8 updates
 UPDATE_TILE = 2048  # elements per program of the update launch (rounded to whole units)
-FINALIZE_BLOCK = 1024  # rows/columns per iteration of the finalize program
+FINALIZE_BLOCK = 1024  # rows or columns per program of the statistics launches
 
 try:  # pragma: no cover - exercised where triton is installed
     import triton
@@ -195,8 +197,9 @@ _C_B, _C_N, _C_MC = 8, 9, 10  # batches, rows n, columns m
 _C_PG, _C_CG, _C_RPP, _C_CPP = 11, 12, 13, 14  # row groups, col groups, rows/cols per program
 _C_WRP, _C_WCP, _C_WRF, _C_WCF, _C_WRRF, _C_WRCF, _C_WSQ, _C_WDEN = range(15, 23)
 _C_SQCNT, _C_NUMEL, _C_UNIT, _C_SEED = 23, 24, 25, 26
-_C_S_TILE, _C_S_FIN, _C_S_UPD, _C_S_VEC = 27, 28, 29, 30
-_NCOL = 31
+_C_S_TILE, _C_S_FIN, _C_S_UPD, _C_S_VEC, _C_S_FAC = 27, 28, 29, 30, 31
+_C_WRS = 32  # per (batch, row chunk) sums of the new row statistic (for its mean)
+_NCOL = 33
 # float32 columns
 _F_BC2, _F_SCALE, _F_SQRTN = 0, 1, 2
 _NFCOL = 3
@@ -241,6 +244,8 @@ if triton is not None:
     K_SEED = tl.constexpr(_C_SEED)
     K_S_TILE = tl.constexpr(_C_S_TILE)
     K_S_FIN = tl.constexpr(_C_S_FIN)
+    K_S_FAC = tl.constexpr(_C_S_FAC)
+    K_WRS = tl.constexpr(_C_WRS)
     K_S_UPD = tl.constexpr(_C_S_UPD)
     K_S_VEC = tl.constexpr(_C_S_VEC)
     NCOL = tl.constexpr(_NCOL)
@@ -424,62 +429,85 @@ if triton is not None:
                 tl.store(cp_ws + pg * (nb * m) + b * m + cols, col_acc, mask=cm)
 
     @triton.jit
-    def _finalize_kernel(meta, prog_map, ws, beta, one_minus_beta,
+    def _stat_ema_kernel(meta, prog_map, ws, beta, one_minus_beta,
                          RES: tl.constexpr, BLOCK: tl.constexpr):
-        """EMAs of a factored statistic (RES=0: r, c; RES=1: R, C) for one (tensor, batch)
-        from the row/column partial sums, then its factors ``rsqrt(r / mean(r))``,
-        ``rsqrt(c)`` into scratch. Partial sums are added in a fixed order."""
+        """EMA of ``BLOCK`` rows or columns of a factored statistic (RES=0: r, c; RES=1: R, C)
+        of one batch from the partial sums (added in a fixed order). A row chunk also writes
+        the sum of its new row statistic (for the mean); a column chunk writes ``rsqrt(c)``."""
         pid = tl.program_id(0)
         t = tl.load(prog_map + pid)
-        b = pid - tl.load(meta + t * NCOL + K_S_FIN)
+        local = pid - tl.load(meta + t * NCOL + K_S_FIN)
         nb = tl.load(meta + t * NCOL + K_B)
         n = tl.load(meta + t * NCOL + K_N)
         m = tl.load(meta + t * NCOL + K_MC)
-        n_pg = tl.load(meta + t * NCOL + K_PG)
-        n_cg = tl.load(meta + t * NCOL + K_CG)
-        rp_ws = ws + tl.load(meta + t * NCOL + K_WRP)
-        cp_ws = ws + tl.load(meta + t * NCOL + K_WCP)
+        row_chunks = tl.cdiv(n, BLOCK)
+        chunks = row_chunks + tl.cdiv(m, BLOCK)
+        b = local // chunks
+        j = local % chunks
         if RES == 0:
             row_ptr = tl.load(meta + t * NCOL + K_ROW).to(tl.pointer_type(tl.float32))
             col_ptr = tl.load(meta + t * NCOL + K_COL).to(tl.pointer_type(tl.float32))
-            rf_ws = ws + tl.load(meta + t * NCOL + K_WRF)
             cf_ws = ws + tl.load(meta + t * NCOL + K_WCF)
         else:
             row_ptr = tl.load(meta + t * NCOL + K_RROW).to(tl.pointer_type(tl.float32))
             col_ptr = tl.load(meta + t * NCOL + K_RCOL).to(tl.pointer_type(tl.float32))
-            rf_ws = ws + tl.load(meta + t * NCOL + K_WRRF)
             cf_ws = ws + tl.load(meta + t * NCOL + K_WRCF)
-        big_n = nb * n
-        m_f = m.to(tl.float32)
-        n_f = n.to(tl.float32)
-        total = tl.zeros([BLOCK], dtype=tl.float32)
-        for i0 in range(0, n, BLOCK):
-            idx = b * n + i0 + tl.arange(0, BLOCK)
-            mask = (i0 + tl.arange(0, BLOCK)) < n
+        if j < row_chunks:
+            n_cg = tl.load(meta + t * NCOL + K_CG)
+            rp_ws = ws + tl.load(meta + t * NCOL + K_WRP)
+            i = j * BLOCK + tl.arange(0, BLOCK)
+            mask = i < n
+            idx = b * n + i
             s = tl.zeros([BLOCK], dtype=tl.float32)
             for cg in range(0, n_cg):
-                s += tl.load(rp_ws + cg * big_n + idx, mask=mask, other=0.0)
+                s += tl.load(rp_ws + cg * (nb * n) + idx, mask=mask, other=0.0)
             r = tl.load(row_ptr + idx, mask=mask, other=0.0)
-            r = r * beta + one_minus_beta * tl.math.div_rn(s, m_f)
+            r = r * beta + one_minus_beta * tl.math.div_rn(s, m.to(tl.float32))
             tl.store(row_ptr + idx, r, mask=mask)
-            total += tl.where(mask, r, 0.0)
-        mean = tl.math.div_rn(tl.sum(total, axis=0), n_f)
-        for i0 in range(0, n, BLOCK):
-            idx = b * n + i0 + tl.arange(0, BLOCK)
-            mask = (i0 + tl.arange(0, BLOCK)) < n
-            r = tl.load(row_ptr + idx, mask=mask, other=1.0)
-            rf = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(r, mean)))
-            tl.store(rf_ws + idx, rf, mask=mask)
-        for j0 in range(0, m, BLOCK):
-            idx = b * m + j0 + tl.arange(0, BLOCK)
-            mask = (j0 + tl.arange(0, BLOCK)) < m
+            rs_ws = ws + tl.load(meta + t * NCOL + K_WRS)
+            tl.store(rs_ws + b * row_chunks + j, tl.sum(tl.where(mask, r, 0.0), axis=0))
+        else:
+            n_pg = tl.load(meta + t * NCOL + K_PG)
+            cp_ws = ws + tl.load(meta + t * NCOL + K_WCP)
+            i = (j - row_chunks) * BLOCK + tl.arange(0, BLOCK)
+            mask = i < m
+            idx = b * m + i
             s = tl.zeros([BLOCK], dtype=tl.float32)
             for pg in range(0, n_pg):
                 s += tl.load(cp_ws + pg * (nb * m) + idx, mask=mask, other=0.0)
             c = tl.load(col_ptr + idx, mask=mask, other=1.0)
-            c = c * beta + one_minus_beta * tl.math.div_rn(s, n_f)
+            c = c * beta + one_minus_beta * tl.math.div_rn(s, n.to(tl.float32))
             tl.store(col_ptr + idx, c, mask=mask)
             tl.store(cf_ws + idx, tl.math.div_rn(1.0, tl.sqrt_rn(c)), mask=mask)
+
+    @triton.jit
+    def _row_factor_kernel(meta, prog_map, ws, RES: tl.constexpr, BLOCK: tl.constexpr):
+        """``rsqrt(r / mean(r))`` for ``BLOCK`` rows of one batch; the mean from the row
+        chunks' sums, added in a fixed order (the same bits in every program)."""
+        pid = tl.program_id(0)
+        t = tl.load(prog_map + pid)
+        local = pid - tl.load(meta + t * NCOL + K_S_FAC)
+        n = tl.load(meta + t * NCOL + K_N)
+        row_chunks = tl.cdiv(n, BLOCK)
+        b = local // row_chunks
+        j = local % row_chunks
+        if RES == 0:
+            row_ptr = tl.load(meta + t * NCOL + K_ROW).to(tl.pointer_type(tl.float32))
+            rf_ws = ws + tl.load(meta + t * NCOL + K_WRF)
+        else:
+            row_ptr = tl.load(meta + t * NCOL + K_RROW).to(tl.pointer_type(tl.float32))
+            rf_ws = ws + tl.load(meta + t * NCOL + K_WRRF)
+        rs_ws = ws + tl.load(meta + t * NCOL + K_WRS) + b * row_chunks
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for c0 in range(0, row_chunks, BLOCK):
+            k = c0 + tl.arange(0, BLOCK)
+            acc += tl.load(rs_ws + k, mask=k < row_chunks, other=0.0)
+        mean = tl.math.div_rn(tl.sum(acc, axis=0), n.to(tl.float32))
+        i = j * BLOCK + tl.arange(0, BLOCK)
+        mask = i < n
+        r = tl.load(row_ptr + b * n + i, mask=mask, other=1.0)
+        rf = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(r, mean)))
+        tl.store(rf_ws + b * n + i, rf, mask=mask)
 
     @triton.jit
     def _denom_kernel(meta, fmeta, ws, clip, BLOCK: tl.constexpr):
@@ -811,6 +839,7 @@ def _step_group(key: tuple, params: list[Tensor], grads: list[Tensor], states: l
     frows: list[list[float]] = []
     counts_tile: list[int] = []
     counts_fin: list[int] = []
+    counts_fac: list[int] = []
     counts_upd: list[int] = []
     counts_vec: list[int] = []
     ws_size = 0
@@ -841,11 +870,14 @@ def _step_group(key: tuple, params: list[Tensor], grads: list[Tensor], states: l
             row[_C_RCOL] = st["exp_avg_res_col"].data_ptr()
             row[_C_B], row[_C_N], row[_C_MC] = nb, n, m
             row[_C_PG], row[_C_CG], row[_C_RPP], row[_C_CPP] = pg, cg, rpp, cpp
-            sizes = [cg * nb * n, pg * nb * m, nb * n, nb * m, nb * n, nb * m, nb * pg * cg, 1]
-            cols = [_C_WRP, _C_WCP, _C_WRF, _C_WCF, _C_WRRF, _C_WRCF, _C_WSQ, _C_WDEN]
+            row_chunks = _cdiv(n, FINALIZE_BLOCK)
+            sizes = [cg * nb * n, pg * nb * m, nb * n, nb * m, nb * n, nb * m, nb * pg * cg, 1,
+                     nb * row_chunks]
+            cols = [_C_WRP, _C_WCP, _C_WRF, _C_WCF, _C_WRRF, _C_WRCF, _C_WSQ, _C_WDEN, _C_WRS]
             row[_C_SQCNT] = nb * pg * cg
             counts_tile.append(nb * pg * cg)
-            counts_fin.append(nb)
+            counts_fin.append(nb * (row_chunks + _cdiv(m, FINALIZE_BLOCK)))
+            counts_fac.append(nb * row_chunks)
             bc2 = math.sqrt(1.0 - beta2**t) if args.bias_correction else 1.0
             scale = ((1.0 / (1.0 - beta1**t)) * math.sqrt(1.0 - beta3**t)
                      if args.bias_correction else 1.0)
@@ -863,7 +895,7 @@ def _step_group(key: tuple, params: list[Tensor], grads: list[Tensor], states: l
         counts_upd.append(_cdiv(_cdiv(numel, unit), qb))
         rows.append(row)
         frows.append([bc2, scale, math.sqrt(float(numel))])
-    for col, counts in ((_C_S_TILE, counts_tile), (_C_S_FIN, counts_fin),
+    for col, counts in ((_C_S_TILE, counts_tile), (_C_S_FIN, counts_fin), (_C_S_FAC, counts_fac),
                         (_C_S_UPD, counts_upd), (_C_S_VEC, counts_vec)):
         start = 0
         for row, c in zip(rows, counts):
@@ -879,21 +911,26 @@ def _step_group(key: tuple, params: list[Tensor], grads: list[Tensor], states: l
     if factored:
         tile_map = _program_map(counts_tile, device)
         fin_map = _program_map(counts_fin, device)
-        n_tile, n_fin = int(sum(counts_tile)), int(sum(counts_fin))
+        fac_map = _program_map(counts_fac, device)
+        n_tile, n_fin, n_fac = int(sum(counts_tile)), int(sum(counts_fin)), int(sum(counts_fac))
         common = dict(P_DTYPE=P_DTYPE, G_DTYPE=G_DTYPE, M_FMT=fmt, M_DTYPE=M_DTYPE,
                       BLOCK_N=block_n, BLOCK_M=block_m, IDX64=idx64)
         _launch("pass1", _rowtile_kernel, n_tile, meta, fmeta, tile_map, ws, eps1, eps2,
                 beta1, a1, sign, PASS=1, **common)
-        _launch("finalize", _finalize_kernel, n_fin, meta, fin_map, ws, beta2, a2,
+        _launch("stat_ema", _stat_ema_kernel, n_fin, meta, fin_map, ws, beta2, a2,
                 RES=0, BLOCK=FINALIZE_BLOCK)
+        _launch("row_factor", _row_factor_kernel, n_fac, meta, fac_map, ws, RES=0,
+                BLOCK=FINALIZE_BLOCK)
         _launch("pass2", _rowtile_kernel, n_tile, meta, fmeta, tile_map, ws, eps1, eps2,
                 beta1, a1, sign, PASS=2, **common)
         _launch("denom", _denom_kernel, T, meta, fmeta, ws, float(args.clip_threshold),
                 BLOCK=256)
         _launch("pass3", _rowtile_kernel, n_tile, meta, fmeta, tile_map, ws, eps1, eps2,
                 beta1, a1, sign, PASS=3, **common)
-        _launch("finalize", _finalize_kernel, n_fin, meta, fin_map, ws, beta3, a3,
+        _launch("stat_ema", _stat_ema_kernel, n_fin, meta, fin_map, ws, beta3, a3,
                 RES=1, BLOCK=FINALIZE_BLOCK)
+        _launch("row_factor", _row_factor_kernel, n_fac, meta, fac_map, ws, RES=1,
+                BLOCK=FINALIZE_BLOCK)
     else:
         vec_map = _program_map(counts_vec, device)
         _launch("vector", _vector_kernel, int(sum(counts_vec)), meta, fmeta, vec_map, ws,
