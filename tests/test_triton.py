@@ -165,6 +165,7 @@ def test_small_tiles_exercise_every_loop(monkeypatch):
     monkeypatch.setattr(tk, "MAX_BLOCK_M", 4)
     monkeypatch.setattr(tk, "TILE", 8)
     monkeypatch.setattr(tk, "MAX_ROW_GROUPS", 2)
+    monkeypatch.setattr(tk, "MIN_GROUP_ROWS", 1)
     monkeypatch.setattr(tk, "MAX_COL_GROUPS", 2)
     monkeypatch.setattr(tk, "FLAT_BLOCK", 4)
     monkeypatch.setattr(tk, "UPDATE_TILE", 8)

@@ -119,6 +119,7 @@ MAX_BLOCK_M = 256  # columns per tile (a power of two)
 TILE = 2048  # elements per row tile: BLOCK_N = TILE // BLOCK_M rows
 MAX_ROW_GROUPS = 128  # P: programs along the rows of one batch (column partial sums per group)
 MAX_COL_GROUPS = 16  # C: programs along the columns (row partial sums per group)
+MIN_GROUP_ROWS = 32  # rows per row group at least: column partial sums cost <= 1/8 B/element
 FLAT_BLOCK = 1024  # elements per program of the vector pass, units of non-int8 updates
 UPDATE_TILE = 2048  # elements per program of the update launch (rounded to whole units)
 FINALIZE_BLOCK = 1024  # rows or columns per program of the statistics launches
@@ -857,7 +858,7 @@ def _step_group(key: tuple, params: list[Tensor], grads: list[Tensor], states: l
             m = int(p.shape[-1])
             n = int(p.shape[-2])
             nb = numel // (n * m)
-            pg = min(-(-n // block_n), MAX_ROW_GROUPS)
+            pg = min(_cdiv(n, max(block_n, MIN_GROUP_ROWS)), MAX_ROW_GROUPS)
             rpp = -(-n // pg)
             pg = -(-n // rpp)
             chunks = -(-m // block_m)
