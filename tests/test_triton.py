@@ -28,22 +28,25 @@ import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:  # must precede the kernels' definition (triton.jit reads it then)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+# Without CUDA the kernels run under Triton's interpreter. triton.jit selects it when a kernel is
+# defined and triton reads it again lazily at the first launch, so it stays set for the session
+# (torch's inductor reads it too, only for GPU Triton kernels, which need CUDA). The kernels'
+# module is reloaded if something imported it before without the interpreter.
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton; "
                              "it is in the [dev] extra)")
+from torchcame._impl import triton_kernels as tk  # noqa: E402
+
+if not CUDA and not tk.interpreted():
+    tk = importlib.reload(tk)
 
 from torchcame._factored import factored_dims  # noqa: E402
-from torchcame._impl import triton_kernels as tk  # noqa: E402
 from torchcame._impl.common import StepArgs  # noqa: E402
 from torchcame._impl.reference import step_single_tensor  # noqa: E402
 from torchcame.functional import init_state  # noqa: E402
 from torchcame.lowbit import dequantize_blockwise, quantize_blockwise  # noqa: E402
 from torchcame.state import StateLayout  # noqa: E402
-
-if not CUDA and not tk.interpreted():  # imported earlier without the interpreter
-    tk = importlib.reload(tk)
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 SHAPES = [(3, 5), (2, 4, 6), (7,), (), (0, 3), (9, 33), (4, 0), (0,)]
