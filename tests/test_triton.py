@@ -28,17 +28,21 @@ import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-# Without CUDA the kernels run under Triton's interpreter. triton.jit selects it when a kernel is
-# defined and triton reads it again lazily at the first launch, so it stays set for the session
-# (torch's inductor reads it too, only for GPU Triton kernels, which need CUDA). The kernels'
-# module is reloaded if something imported it before without the interpreter.
+# Without CUDA the kernels run under Triton's interpreter, which must be on before triton is
+# first imported (triton.jit picks it when a function is defined, triton's own tl.sum & co.
+# included, and reads it again at the first launch); so it stays set for the session (torch's
+# inductor reads it only for GPU Triton kernels, which need CUDA). Pytest imports this module
+# while collecting, before any test imports triton (torch._dynamo does).
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton; "
                              "it is in the [dev] extra)")
+if not CUDA and type(triton.language.standard.sum).__name__ != "InterpretedFunction":
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: run this file on its "
+                "own or set TRITON_INTERPRET=1 in the environment", allow_module_level=True)
 from torchcame._impl import triton_kernels as tk  # noqa: E402
 
-if not CUDA and not tk.interpreted():
+if not CUDA and not tk.interpreted():  # imported before, without the interpreter
     tk = importlib.reload(tk)
 
 from torchcame._factored import factored_dims  # noqa: E402
