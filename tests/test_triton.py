@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import warnings
 
 import pytest
@@ -29,20 +30,20 @@ import torch
 
 CUDA = torch.cuda.is_available()
 # Without CUDA the kernels run under Triton's interpreter, which must be on before triton is
-# first imported (triton.jit picks it when a function is defined, triton's own tl.sum & co.
-# included, and reads it again at the first launch); so it stays set for the session (torch's
-# inductor reads it only for GPU Triton kernels, which need CUDA). Pytest imports this module
-# while collecting, before any test imports triton (torch._dynamo does).
+# first imported: triton.jit picks it when a function is defined (triton's own tl.sum & co.
+# included) and triton reads it again at the first launch, so it stays set for the session
+# (torch's inductor reads it only for GPU Triton kernels, which need CUDA). If another test
+# module imported triton first (torch._dynamo does), the tests of this file are run by one test
+# in a fresh process instead (setting TRITON_INTERPRET=1 in conftest.py avoids the detour).
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton; "
                              "it is in the [dev] extra)")
-if not CUDA and type(triton.language.standard.sum).__name__ != "InterpretedFunction":
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: run this file on its "
-                "own or set TRITON_INTERPRET=1 in the environment", allow_module_level=True)
+FRESH_PROCESS = (not CUDA and
+                 type(triton.language.standard.sum).__name__ != "InterpretedFunction")
 from torchcame._impl import triton_kernels as tk  # noqa: E402
 
-if not CUDA and not tk.interpreted():  # imported before, without the interpreter
+if not CUDA and not tk.interpreted() and not FRESH_PROCESS:  # imported without the interpreter
     tk = importlib.reload(tk)
 
 from torchcame._factored import factored_dims  # noqa: E402
@@ -58,6 +59,31 @@ LOWBIT_SHAPES = [(3, 5), (2, 3, 7), (7,), (9, 33)]  # block 8: int8 blocks cross
 MODES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": "int8"}
 ULP = {torch.bfloat16: dict(rtol=2**-7, atol=2**-5), torch.float16: dict(rtol=2**-10, atol=2**-8)}
 STATE_TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+_NO_INTERPRETER_NEEDED = ("test_in_a_fresh_process", "test_kernels_compile_for_cuda_without_a_gpu")
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_in_this_process(request):
+    if FRESH_PROCESS and request.node.originalname not in _NO_INTERPRETER_NEEDED:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: this file's tests "
+                    "run in a fresh process (test_in_a_fresh_process)")
+
+
+@pytest.mark.skipif(not FRESH_PROCESS, reason="the interpreter is on in this process")
+def test_in_a_fresh_process():
+    """This file's tests, in a process where the interpreter is on before triton is imported
+    (the slow compile test is left to this process: it needs no interpreter)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+         os.path.abspath(__file__)], env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
+    assert re.search(r"\d+ passed", result.stdout), result.stdout[-2000:]
 
 
 def _setup(shapes, dtype=torch.float32, momentum="float32", block_size=256, seed=0,
