@@ -98,6 +98,7 @@ interpreter (which must be enabled with ``TRITON_INTERPRET=1`` before this modul
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -804,10 +805,14 @@ def step_triton(params: list[Tensor], grads: list[Tensor], states: list[dict],
     if args.stochastic_rounding and any(key[1] != torch.float32 for key in groups):
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # one draw per call
     for key, idx in groups.items():
-        _step_group(key, [params[i] for i in idx],
-                    [grads[i] if grads[i].is_contiguous() else grads[i].contiguous()
-                     for i in idx],
-                    [states[i] for i in idx], [layouts[i] for i in idx], idx, args, seed)
+        device = key[0]
+        # triton launches on the current device: make it the tensors' one
+        guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            _step_group(key, [params[i] for i in idx],
+                        [grads[i] if grads[i].is_contiguous() else grads[i].contiguous()
+                         for i in idx],
+                        [states[i] for i in idx], [layouts[i] for i in idx], idx, args, seed)
     if fallback:
         from .reference import step_single_tensor
 
