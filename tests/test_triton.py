@@ -493,21 +493,45 @@ def test_zero_size_tensors_are_skipped():
         assert all(torch.equal(s[k], t[k]) for k in s if k != "step")
 
 
-def test_moved_factored_dims_run_the_reference_with_a_warning():
-    """factor_dims="largest" moving the factored dims: not handled by the kernels; those
-    tensors are stepped by the reference path (same results), with a warning."""
-    shapes = [(6, 5, 1, 1), (3, 4)]
-    params, states, layouts = _setup(shapes, policy="largest")
-    start = [p.clone() for p in params]
-    assert layouts[0].moved(4) and not layouts[1].moved(2)
+def test_moved_factored_dims_through_strides():
+    """factor_dims="largest": a conv weight factored over (o, i), its (kh, kw) a batch dim;
+    int8 blocks still run over the flat tensor."""
+    shapes = [(4, 3, 2, 2), (6, 5, 1, 1), (3, 4)]
+    for momentum in ("float32", "int8"):
+        params, states, layouts = _setup(shapes, momentum=momentum, block_size=8,
+                                         policy="largest")
+        assert layouts[0].moved(4) and layouts[1].moved(4) and not layouts[2].moved(2)
+        start = [p.clone() for p in params]
+        ref, ref_states = _clone(params, states)
+        args = _args(factor_dims="largest", weight_decay=0.1, block_size=8)
+        tk._warned.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning
+            for step in range(2):
+                grads = _grads(params, step)
+                _triton(params, grads, states, args, layouts)
+                step_single_tensor(ref, grads, ref_states, args)
+        for i, (p, q) in enumerate(zip(params, ref)):
+            _assert_params_close(p, q, start[i], torch.float32, f"{momentum} {tuple(p.shape)}")
+            _assert_states_close(states[i], ref_states[i], f"{momentum} {tuple(p.shape)}",
+                                 lowbit=momentum != "float32")
+
+
+def test_unmergeable_moved_dims_run_the_reference_with_a_warning():
+    """(5, 2, 4, 2) factored over dims (0, 2): dims 1 and 3 do not merge into one batch dim;
+    the reference path steps it (the same results), with a warning naming both."""
+    params, states, layouts = _setup([(5, 2, 4, 2), (3, 4)], policy="largest")
+    assert layouts[0].factored_dims == (0, 2)
     ref, ref_states = _clone(params, states)
+    start = [p.clone() for p in params]
     args = _args(factor_dims="largest")
     grads = _grads(params, 0)
     tk._warned.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _triton(params, grads, states, args, layouts)
-    assert any("factored dims other than the last two" in str(w.message) for w in caught)
+    assert any("do not merge" in str(w.message) and "reference" in str(w.message)
+               for w in caught)
     step_single_tensor(ref, grads, ref_states, args)
     assert torch.equal(params[0], ref[0])
     assert all(torch.equal(states[0][k], ref_states[0][k]) for k in ref_states[0])
@@ -566,21 +590,23 @@ base = dict(meta="*i64", fmeta="*fp32", prog_map="*i32", ws="*fp32")
 row = dict(base, eps1=f, eps2=f, b1=f, a1=f, sign=f)
 for PASS in (1, 2, 3):
     compile_(tk._rowtile_kernel, row, PASS=PASS, P_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16,
-             M_FMT=2, M_DTYPE=tl.int8, BLOCK_N=8, BLOCK_M=256, IDX64=PASS == 3)
+             M_FMT=2, M_DTYPE=tl.int8, BLOCK_N=8, BLOCK_M=256, IDX64=PASS == 3, MOVED=False)
 compile_(tk._rowtile_kernel, row, PASS=3, P_DTYPE=tl.float32, G_DTYPE=tl.float32, M_FMT=0,
-         M_DTYPE=tl.float32, BLOCK_N=8, BLOCK_M=256, IDX64=False)
+         M_DTYPE=tl.float32, BLOCK_N=8, BLOCK_M=256, IDX64=False, MOVED=True)
 compile_(tk._stat_ema_kernel, dict(base, beta=f, one_minus_beta=f), RES=1, BLOCK=1024)
 compile_(tk._row_factor_kernel, base, RES=0, BLOCK=1024)
 compile_(tk._denom_kernel, dict(meta="*i64", fmeta="*fp32", ws="*fp32", clip=f), BLOCK=256)
 compile_(tk._vector_kernel, dict(base, eps1=f, b2=f, a2=f, sign=f), G_DTYPE=tl.float16,
          BLOCK=1024)
 upd = dict(base, lr_ptr="*fp64", lr=f, decay=f, neg_wd=f, b1=f, a1=f, sign=f)
-for factored, p, fmt, m, sr, idx64 in ((True, tl.bfloat16, 2, tl.int8, True, False),
-                                       (True, tl.float32, 0, tl.float32, False, True),
-                                       (False, tl.float16, 1, tl.bfloat16, False, False)):
+for factored, p, fmt, m, sr, idx64, moved in (
+        (True, tl.bfloat16, 2, tl.int8, True, False, False),
+        (True, tl.float32, 0, tl.float32, False, True, False),
+        (True, tl.bfloat16, 2, tl.int8, False, False, True),
+        (False, tl.float16, 1, tl.bfloat16, False, False, False)):
     compile_(tk._update_kernel, upd, FACTORED=factored, P_DTYPE=p, G_DTYPE=tl.float32,
              M_FMT=fmt, M_DTYPE=m, LR_TENSOR=True, HAS_DECAY=True, SR=sr, QB=8, UW=256,
-             IDX64=idx64)
+             IDX64=idx64, MOVED=moved)
 print(dict(ops))
 assert ops["fma.rn.f32"] == 0, "a multiply-add was contracted"
 assert ops["atom."] == 0 and ops["red."] == 0, "atomics"

@@ -81,9 +81,17 @@ the parameter dtype, the far one with probability (distance to the nearest) / (s
 from one draw of torch's default generator per call). Reproducible under ``torch.manual_seed``;
 not the CPU kernel's random bits.
 
+**Factored dims other than the last two** (``factor_dims="largest"``, e.g. a conv weight
+``(o, i, kh, kw)`` factored over ``(o, i)``) are stepped through strides: the passes address the
+``(B, n, m)`` view of the tensor with its factored dims moved last, and the update maps each
+element's offset to its view coordinates (``(offset // stride) % size``, three divisions). This
+needs the other dims to merge into one batch dim (true when they are adjacent in memory, as
+for ``(o, i, kh, kw)``); other layouts are not handled.
+
 **Not handled here** (stepped by the reference path instead, with a one-time warning naming
-both): factored dims other than the last two (``factor_dims="largest"`` moving dims), float64
-parameters, non-contiguous parameters or states. Zero-size tensors are skipped.
+both): moved factored dims whose other dims do not merge, float64 parameters, non-contiguous
+parameters or states, states on another device than their parameter. Zero-size tensors are
+skipped.
 
 **GPU performance is not measured yet** (no GPU where this was written; the kernels compile
 for sm_90 and run under the interpreter in the tests): tile sizes are first guesses. The
@@ -201,7 +209,8 @@ _C_WRP, _C_WCP, _C_WRF, _C_WCF, _C_WRRF, _C_WRCF, _C_WSQ, _C_WDEN = range(15, 23
 _C_SQCNT, _C_NUMEL, _C_UNIT, _C_SEED = 23, 24, 25, 26
 _C_S_TILE, _C_S_FIN, _C_S_UPD, _C_S_VEC, _C_S_FAC = 27, 28, 29, 30, 31
 _C_WRS = 32  # per (batch, row chunk) sums of the new row statistic (for its mean)
-_NCOL = 33
+_C_SB, _C_SN, _C_SM = 33, 34, 35  # element strides of the (B, n, m) view of moved dims
+_NCOL = 36
 # float32 columns
 _F_BC2, _F_SCALE, _F_SQRTN = 0, 1, 2
 _NFCOL = 3
@@ -248,6 +257,9 @@ if triton is not None:
     K_S_FIN = tl.constexpr(_C_S_FIN)
     K_S_FAC = tl.constexpr(_C_S_FAC)
     K_WRS = tl.constexpr(_C_WRS)
+    K_SB = tl.constexpr(_C_SB)
+    K_SN = tl.constexpr(_C_SN)
+    K_SM = tl.constexpr(_C_SM)
     K_S_UPD = tl.constexpr(_C_S_UPD)
     K_S_VEC = tl.constexpr(_C_S_VEC)
     NCOL = tl.constexpr(_NCOL)
@@ -331,7 +343,7 @@ if triton is not None:
     def _rowtile_kernel(meta, fmeta, prog_map, ws, eps1, eps2, b1, a1, sign,
                         PASS: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
                         M_FMT: tl.constexpr, M_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_M: tl.constexpr, IDX64: tl.constexpr):
+                        BLOCK_M: tl.constexpr, IDX64: tl.constexpr, MOVED: tl.constexpr):
         """Passes 1-3 of a factored tensor over one (batch, row group, column group) block.
 
         PASS 1: row and column partial sums of ``G = g^2 + eps1``. PASS 2: the partial sum of
@@ -357,6 +369,10 @@ if triton is not None:
         c_hi = tl.minimum(c_lo + cpp, m)
         g_ptr = tl.load(meta + t * NCOL + K_G).to(tl.pointer_type(G_DTYPE))
         big_n = nb * n
+        if MOVED:
+            s_b = tl.load(meta + t * NCOL + K_SB)
+            s_n = tl.load(meta + t * NCOL + K_SN)
+            s_m = tl.load(meta + t * NCOL + K_SM)
         if PASS == 2:
             rf_ws = ws + tl.load(meta + t * NCOL + K_WRF)
             cf_ws = ws + tl.load(meta + t * NCOL + K_WCF)
@@ -371,7 +387,10 @@ if triton is not None:
                     rm = rows < r_hi
                     k = b * n + rows
                     mask = rm[:, None] & cm[None, :]
-                    offs = k[:, None] * m + cols[None, :]
+                    if MOVED:  # the factored dims are not the last two: a strided view
+                        offs = (b * s_b + rows * s_n)[:, None] + cols[None, :] * s_m
+                    else:
+                        offs = k[:, None] * m + cols[None, :]
                     g = _load_f32(g_ptr, offs, mask, G_DTYPE)
                     rf = tl.load(rf_ws + k, mask=rm, other=0.0)
                     u = ((rf[:, None] * cf[None, :]) * g) * bc2
@@ -400,7 +419,10 @@ if triton is not None:
                     rm = rows < r_hi
                     k = b * n + rows
                     mask = rm[:, None] & cm[None, :]
-                    offs = k[:, None] * m + cols[None, :]
+                    if MOVED:  # the factored dims are not the last two: a strided view
+                        offs = (b * s_b + rows * s_n)[:, None] + cols[None, :] * s_m
+                    else:
+                        offs = k[:, None] * m + cols[None, :]
                     g = _load_f32(g_ptr, offs, mask, G_DTYPE)
                     if PASS == 1:
                         val = g * g + eps1
@@ -556,7 +578,7 @@ if triton is not None:
                        FACTORED: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
                        M_FMT: tl.constexpr, M_DTYPE: tl.constexpr, LR_TENSOR: tl.constexpr,
                        HAS_DECAY: tl.constexpr, SR: tl.constexpr, QB: tl.constexpr,
-                       UW: tl.constexpr, IDX64: tl.constexpr):
+                       UW: tl.constexpr, IDX64: tl.constexpr, MOVED: tl.constexpr):
         """Weight decay and the step over ``QB`` storage units of ``unit`` elements (an int8
         block; tile width ``UW``, a power of two >= unit), re-encoding the momentum."""
         pid = tl.program_id(0)
@@ -575,7 +597,15 @@ if triton is not None:
         if FACTORED:
             m = tl.load(meta + t * NCOL + K_MC)
             n = tl.load(meta + t * NCOL + K_N)
-            if IDX64:
+            if MOVED:  # coordinates in the (B, n, m) view: (offset // stride) % size
+                s_b = tl.load(meta + t * NCOL + K_SB)
+                s_n = tl.load(meta + t * NCOL + K_SN)
+                s_m = tl.load(meta + t * NCOL + K_SM)
+                nb = tl.load(meta + t * NCOL + K_B)
+                bi = (offs // s_b) % nb
+                k = bi * n + (offs // s_n) % n
+                colidx = bi * m + (offs // s_m) % m
+            elif IDX64:
                 k = offs // m
                 colidx = (k // n) * m + (offs - k * m)
             else:  # 32-bit divisions: several times cheaper than 64-bit ones on GPUs
@@ -686,12 +716,22 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
+def _moved_view(param: Tensor, dims: tuple[int, int]) -> Tensor | None:
+    """``param`` with its factored ``dims`` moved last, as a ``(B, n, m)`` view (no copy), or
+    ``None`` when its other dims cannot merge into one batch dim."""
+    moved = param.movedim(dims, (-2, -1))
+    try:
+        return moved.view(-1, moved.shape[-2], moved.shape[-1])
+    except RuntimeError:
+        return None
+
+
 def _fallback_reason(param: Tensor, grad: Tensor, state: dict, layout) -> str | None:
     """Why this tensor cannot be stepped by the kernels (``None`` when it can)."""
     if param.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"{param.dtype} parameters"
-    if layout.moved(param.dim()):
-        return "factored dims other than the last two"
+    if layout.moved(param.dim()) and _moved_view(param, layout.factored_dims) is None:
+        return "factored dims other than the last two whose other dims do not merge into one"
     if layout.compute_dtype != torch.float32:
         return f"compute dtype {layout.compute_dtype}"
     keys = (("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col")
@@ -793,13 +833,14 @@ def step_triton(params: list[Tensor], grads: list[Tensor], states: list[dict],
                        "tensors run the reference (single-tensor) path")
             fallback.append(i)
             continue
+        moved = layout.moved(param.dim())
         if layout.factored:
-            block_m = min(_next_pow2(param.shape[-1]), MAX_BLOCK_M)
+            block_m = min(_next_pow2(param.shape[layout.factored_dims[1]]), MAX_BLOCK_M)
         else:
             block_m = 0
         unit = layout.block_size if layout.quantized else FLAT_BLOCK
         key = (param.device, param.dtype, grad.dtype, layout.momentum, layout.factored,
-               block_m, unit)
+               block_m, unit, moved)
         groups[key].append(i)
     seed = None
     if args.stochastic_rounding and any(key[1] != torch.float32 for key in groups):
@@ -825,7 +866,7 @@ def step_triton(params: list[Tensor], grads: list[Tensor], states: list[dict],
 
 def _step_group(key: tuple, params: list[Tensor], grads: list[Tensor], states: list[dict],
                 layouts: list, indices: list[int], args: StepArgs, seed: int | None) -> None:
-    device, p_dtype, g_dtype, momentum, factored, block_m, unit = key
+    device, p_dtype, g_dtype, momentum, factored, block_m, unit, moved = key
     beta1, beta2, beta3 = args.betas
     eps1, eps2 = args.eps
     fmt = _FMT[momentum]
@@ -860,9 +901,9 @@ def _step_group(key: tuple, params: list[Tensor], grads: list[Tensor], states: l
         if args.bias_correction:
             t = float(st["step"])
         if factored:
-            m = int(p.shape[-1])
-            n = int(p.shape[-2])
-            nb = numel // (n * m)
+            view = _moved_view(p, lay.factored_dims) if moved else p.view(-1, *p.shape[-2:])
+            nb, n, m = (int(d) for d in view.shape)
+            row[_C_SB], row[_C_SN], row[_C_SM] = (max(1, int(d)) for d in view.stride())
             pg = min(_cdiv(n, max(block_n, MIN_GROUP_ROWS)), MAX_ROW_GROUPS)
             rpp = -(-n // pg)
             pg = -(-n // rpp)
@@ -920,7 +961,7 @@ def _step_group(key: tuple, params: list[Tensor], grads: list[Tensor], states: l
         fac_map = _program_map(counts_fac, device)
         n_tile, n_fin, n_fac = int(sum(counts_tile)), int(sum(counts_fin)), int(sum(counts_fac))
         common = dict(P_DTYPE=P_DTYPE, G_DTYPE=G_DTYPE, M_FMT=fmt, M_DTYPE=M_DTYPE,
-                      BLOCK_N=block_n, BLOCK_M=block_m, IDX64=idx64)
+                      BLOCK_N=block_n, BLOCK_M=block_m, IDX64=idx64, MOVED=moved)
         _launch("pass1", _rowtile_kernel, n_tile, meta, fmeta, tile_map, ws, eps1, eps2,
                 beta1, a1, sign, PASS=1, **common)
         _launch("stat_ema", _stat_ema_kernel, n_fin, meta, fin_map, ws, beta2, a2,
@@ -960,4 +1001,4 @@ def _step_group(key: tuple, params: list[Tensor], grads: list[Tensor], states: l
             lr_float, decay, -float(args.weight_decay), beta1, a1, sign,
             FACTORED=factored, P_DTYPE=P_DTYPE, G_DTYPE=G_DTYPE, M_FMT=fmt, M_DTYPE=M_DTYPE,
             LR_TENSOR=lr_tensor, HAS_DECAY=args.weight_decay != 0, SR=sr, QB=qb, UW=unit_w,
-            IDX64=idx64)
+            IDX64=idx64, MOVED=moved)
