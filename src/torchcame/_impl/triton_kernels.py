@@ -89,9 +89,9 @@ needs the other dims to merge into one batch dim (true when they are adjacent in
 for ``(o, i, kh, kw)``); other layouts are not handled.
 
 **Not handled here** (stepped by the reference path instead, with a one-time warning naming
-both): moved factored dims whose other dims do not merge, float64 parameters, non-contiguous
-parameters or states, states on another device than their parameter. Zero-size tensors are
-skipped.
+both): moved factored dims whose other dims do not merge, float64 parameters or gradients,
+non-contiguous parameters or states, states on another device than their parameter.
+Zero-size tensors are skipped.
 
 **GPU performance is not measured yet** (no GPU where this was written; the kernels compile
 for sm_90 and run under the interpreter in the tests): tile sizes are first guesses. The
@@ -730,6 +730,8 @@ def _fallback_reason(param: Tensor, grad: Tensor, state: dict, layout) -> str | 
     """Why this tensor cannot be stepped by the kernels (``None`` when it can)."""
     if param.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"{param.dtype} parameters"
+    if grad.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"{grad.dtype} gradients"
     if layout.moved(param.dim()) and _moved_view(param, layout.factored_dims) is None:
         return "factored dims other than the last two whose other dims do not merge into one"
     if layout.compute_dtype != torch.float32:
