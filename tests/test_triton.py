@@ -593,7 +593,7 @@ def test_use_triton(monkeypatch):
 
 
 _AOT_SCRIPT = r"""
-import collections, re, sys
+import collections, os, re, subprocess, sys, tempfile
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -602,22 +602,41 @@ from torchcame._impl import triton_kernels as tk
 assert not tk.interpreted()
 ops = collections.Counter()
 
-def compile_(fn, types, **consts):
+spills = []
+
+def compile_(fn, types, num_warps=4, **consts):
     sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"enable_fp_fusion": False})
-    ops.update(re.findall(r"\b(fma\.rn\.f32|div\.\w+\.f32|sqrt\.\w+\.f32|atom\.|red\.)",
-                          kernel.asm["ptx"]))
+                            options={"enable_fp_fusion": False, "num_warps": num_warps})
+    ptx = kernel.asm["ptx"]
+    ops.update(re.findall(r"\b(fma\.rn\.f32|div\.\w+\.f32|sqrt\.\w+\.f32|atom\.|red\.)", ptx))
+    for name in ("ptxas-blackwell", "ptxas"):  # the bundled assembler that reads this PTX
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+        if not os.path.exists(tool):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, "k.ptx"), "w") as f_:
+                f_.write(ptx)
+            out = subprocess.run([tool, "-arch=sm_90a", "-v", os.path.join(tmp, "k.ptx"),
+                                  "-o", os.path.join(tmp, "k.cubin")],
+                                 capture_output=True, text=True)
+        if out.returncode == 0:
+            text = out.stdout + out.stderr
+            if re.search(r"[1-9]\d* bytes spill", text):
+                spills.append((fn.__name__, consts))
+            break
 
 f = "fp32"
 base = dict(meta="*i64", fmeta="*fp32", prog_map="*i32", ws="*fp32")
 row = dict(base, eps1=f, eps2=f, b1=f, a1=f, sign=f)
+bn = tk.TILE // tk.MAX_BLOCK_M  # the tiles step_triton uses for wide matrices
 for PASS in (1, 2, 3):
     compile_(tk._rowtile_kernel, row, PASS=PASS, P_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16,
-             M_FMT=2, M_DTYPE=tl.int8, BLOCK_N=8, BLOCK_M=256, IDX64=PASS == 3, MOVED=False)
+             M_FMT=2, M_DTYPE=tl.int8, BLOCK_N=bn, BLOCK_M=tk.MAX_BLOCK_M, IDX64=PASS == 3,
+             MOVED=False)
 compile_(tk._rowtile_kernel, row, PASS=3, P_DTYPE=tl.float32, G_DTYPE=tl.float32, M_FMT=0,
-         M_DTYPE=tl.float32, BLOCK_N=8, BLOCK_M=256, IDX64=False, MOVED=True)
+         M_DTYPE=tl.float32, BLOCK_N=bn, BLOCK_M=tk.MAX_BLOCK_M, IDX64=False, MOVED=True)
 compile_(tk._stat_ema_kernel, dict(base, beta=f, one_minus_beta=f), RES=1, BLOCK=1024)
 compile_(tk._row_factor_kernel, base, RES=0, BLOCK=1024)
 compile_(tk._denom_kernel, dict(meta="*i64", fmeta="*fp32", ws="*fp32", clip=f), BLOCK=256)
@@ -629,10 +648,11 @@ for factored, p, fmt, m, sr, idx64, moved in (
         (True, tl.float32, 0, tl.float32, False, True, False),
         (True, tl.bfloat16, 2, tl.int8, False, False, True),
         (False, tl.float16, 1, tl.bfloat16, False, False, False)):
-    compile_(tk._update_kernel, upd, FACTORED=factored, P_DTYPE=p, G_DTYPE=tl.float32,
-             M_FMT=fmt, M_DTYPE=m, LR_TENSOR=True, HAS_DECAY=True, SR=sr, QB=8, UW=256,
-             IDX64=idx64, MOVED=moved)
-print(dict(ops))
+    compile_(tk._update_kernel, upd, num_warps=8, FACTORED=factored, P_DTYPE=p,
+             G_DTYPE=tl.float32, M_FMT=fmt, M_DTYPE=m, LR_TENSOR=True, HAS_DECAY=True, SR=sr,
+             QB=tk.UPDATE_TILE // 256, UW=256, IDX64=idx64, MOVED=moved)
+print(dict(ops), spills)
+assert not spills, f"register spills: {spills}"
 assert ops["fma.rn.f32"] == 0, "a multiply-add was contracted"
 assert ops["atom."] == 0 and ops["red."] == 0, "atomics"
 assert ops["div.rn.f32"] > 0 and ops["sqrt.rn.f32"] > 0
@@ -644,7 +664,8 @@ assert not [k for k in ops if k.startswith(("div.approx", "div.full", "sqrt.appr
 def test_kernels_compile_for_cuda_without_a_gpu():
     """Every kernel family compiles to sm_90 machine code (the interpreter does not check
     types and shapes as the compiler does), with no contracted multiply-add, only correctly
-    rounded divisions and square roots, and no atomics."""
+    rounded divisions and square roots, no atomics, and (where the bundled ptxas reads the
+    PTX) no register spills at the tile sizes step_triton uses."""
     import subprocess
     import sys
 

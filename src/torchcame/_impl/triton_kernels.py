@@ -123,14 +123,17 @@ __all__ = ["step_triton", "triton_available", "use_triton", "LAUNCHES", "interpr
 #: Launches per kernel name since import; tests read it to prove the Triton path ran.
 LAUNCHES: dict[str, int] = defaultdict(int)
 
-# Tile configuration (module constants so tests can shrink them to exercise every loop).
+# Tile configuration (module constants so tests can shrink them to exercise every loop). With
+# these, ptxas (sm_90a) gives the heaviest kernels (pass 3 and the int8 + stochastic-rounding
+# update) under 90 registers per thread and no spills; 2048-element tiles needed 168-254
+# registers and spilled, which would starve a memory-bound kernel of resident warps.
 MAX_BLOCK_M = 256  # columns per tile (a power of two)
-TILE = 2048  # elements per row tile: BLOCK_N = TILE // BLOCK_M rows
+TILE = 512  # elements per row tile: BLOCK_N = TILE // BLOCK_M rows (4 per thread, 4 warps)
 MAX_ROW_GROUPS = 128  # P: programs along the rows of one batch (column partial sums per group)
 MAX_COL_GROUPS = 16  # C: programs along the columns (row partial sums per group)
 MIN_GROUP_ROWS = 32  # rows per row group at least: column partial sums cost <= 1/8 B/element
 FLAT_BLOCK = 1024  # elements per program of the vector pass, units of non-int8 updates
-UPDATE_TILE = 2048  # elements per program of the update launch (rounded to whole units)
+UPDATE_TILE = 1024  # elements per program of the update launch (4 per thread, 8 warps)
 FINALIZE_BLOCK = 1024  # rows or columns per program of the statistics launches
 
 try:  # pragma: no cover - exercised where triton is installed
@@ -789,10 +792,10 @@ def _tensor_seed(seed: int, i: int) -> int:
     return x & (2**63 - 1)
 
 
-def _launch(name: str, kernel, grid: int, *args, **kwargs) -> None:
+def _launch(name: str, kernel, grid: int, *args, num_warps: int = 4, **kwargs) -> None:
     if grid <= 0:
         return
-    kernel[(grid,)](*args, enable_fp_fusion=False, **kwargs)
+    kernel[(grid,)](*args, enable_fp_fusion=False, num_warps=num_warps, **kwargs)
     LAUNCHES[name] += 1
 
 
@@ -1003,4 +1006,4 @@ def _step_group(key: tuple, params: list[Tensor], grads: list[Tensor], states: l
             lr_float, decay, -float(args.weight_decay), beta1, a1, sign,
             FACTORED=factored, P_DTYPE=P_DTYPE, G_DTYPE=G_DTYPE, M_FMT=fmt, M_DTYPE=M_DTYPE,
             LR_TENSOR=lr_tensor, HAS_DECAY=args.weight_decay != 0, SR=sr, QB=qb, UW=unit_w,
-            IDX64=idx64, MOVED=moved)
+            IDX64=idx64, MOVED=moved, num_warps=8)
