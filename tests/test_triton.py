@@ -61,6 +61,15 @@ ULP = {torch.bfloat16: dict(rtol=2**-7, atol=2**-5), torch.float16: dict(rtol=2*
 STATE_TOL = dict(rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture(autouse=True)
+def _interpreter_tiles(monkeypatch):
+    """Under the interpreter, whose cost is per operation and not per element, larger tiles
+    (fewer programs and loop steps) run the same logic several times faster."""
+    if not CUDA:
+        monkeypatch.setattr(tk, "TILE", 4096)
+        monkeypatch.setattr(tk, "UPDATE_TILE", 4096)
+
+
 _NO_INTERPRETER_NEEDED = ("test_in_a_fresh_process", "test_kernels_compile_for_cuda_without_a_gpu")
 
 
@@ -502,8 +511,8 @@ def test_step_allocates_no_full_size_tensor(dtype, momentum):
     col_groups = 1  # one column tile of 256
     scratch = ((col_groups + 2) * n + (row_groups + 2) * m + row_groups * col_groups
                + -(-n // tk.FINALIZE_BLOCK) + 1)  # the module docstring's bound, in floats
-    tables = 8 * tk._NCOL + 4 * 3
-    assert 0 < tracker.peak_bytes <= 4 * scratch + tables + 256
+    tables = 2 * (8 * tk._NCOL + 4 * 3) + 512  # int64 and float32 tables, with slack
+    assert 0 < tracker.peak_bytes <= 4 * scratch + tables
     assert tracker.peak_bytes < 4 * n * m / 16
 
 
