@@ -6,8 +6,16 @@ The configuration table, shapes and tolerances are in ``cases.py``, the oracle o
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels (tests/test_triton.py) run under Triton's interpreter, which
+# must be on before triton is first imported (torch._dynamo imports it); torch's inductor reads
+# it only for GPU kernels, so CPU tests are unaffected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

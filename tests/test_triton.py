@@ -47,10 +47,10 @@ if not CUDA and not tk.interpreted() and not FRESH_PROCESS:  # imported without 
     tk = importlib.reload(tk)
 
 from torchcame._factored import factored_dims  # noqa: E402
-from torchcame._impl.common import StepArgs  # noqa: E402
 from torchcame._impl.reference import step_single_tensor  # noqa: E402
 from torchcame.functional import init_state  # noqa: E402
 from torchcame.lowbit import dequantize_blockwise, quantize_blockwise  # noqa: E402
+from torchcame.options import StepArgs  # noqa: E402
 from torchcame.state import StateLayout  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -101,7 +101,7 @@ def _setup(shapes, dtype=torch.float32, momentum="float32", block_size=256, seed
     params, states, layouts = [], [], []
     for shape in shapes:
         p = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
-        state = init_state(p, momentum_dtype=MODES[momentum], block_size=block_size,
+        state = init_state(p, momentum_dtype=MODES[momentum], quantization_block_size=block_size,
                            min_quantized_numel=0, factor_dims=policy, factor_min_dim=min_dim)
         dims = factored_dims(p.shape, policy, min_dim)
         stored = momentum if (momentum != "int8" or p.dim() >= 2) else "float32"
@@ -129,7 +129,17 @@ def _triton(params, grads, states, args, layouts):
     tk.step_triton(params, grads, states, args, layouts)
 
 
+def _reference(params, grads, states, args, layouts):
+    for state in states:
+        state["step"] += 1  # the caller counts the step
+    step_single_tensor(params, grads, states, args, layouts)
+
+
+_LAYOUT_KEYS = ("block_size", "factor_dims", "factor_min_dim")  # carried by the layouts
+
+
 def _args(**kw):
+    kw = {k: v for k, v in kw.items() if k not in _LAYOUT_KEYS}
     base = dict(lr=1e-2, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), clip_threshold=1.0,
                 weight_decay=0.0)
     base.update(kw)
@@ -194,7 +204,7 @@ def test_float32_matches_reference(config):
         args = _config_args(config, step)
         grads = _grads(params, step)
         _triton(params, grads, states, args, layouts)
-        step_single_tensor(ref, grads, ref_states, args)
+        _reference(ref, grads, ref_states, args, layouts)
         for i, (p, q) in enumerate(zip(params, ref)):
             _assert_params_close(p, q, start[i], torch.float32, f"step {step} {tuple(p.shape)}")
             _assert_states_close(states[i], ref_states[i], f"step {step} {tuple(p.shape)}")
@@ -221,7 +231,7 @@ def test_small_tiles_exercise_every_loop(monkeypatch):
         for step in range(2):
             grads = _grads(params, step)
             _triton(params, grads, states, args, layouts)
-            step_single_tensor(ref, grads, ref_states, args)
+            _reference(ref, grads, ref_states, args, layouts)
         for i, (p, q) in enumerate(zip(params, ref)):
             _assert_params_close(p, q, start[i], torch.float32, f"{momentum} {p.shape}")
             _assert_states_close(states[i], ref_states[i], f"{momentum} {p.shape}",
@@ -240,10 +250,9 @@ def test_lowbit_matches_reference(dtype, momentum):
     for step in range(3):
         args = _config_args("tensor-lr" if dtype == torch.float16 else "decay-maximize-clip",
                             step)
-        args = StepArgs(**{**args.__dict__, "block_size": 8})
         grads = _grads(params, step)
         _triton(params, grads, states, args, layouts)
-        step_single_tensor(ref, grads, ref_states, args)
+        _reference(ref, grads, ref_states, args, layouts)
     for i, (p, q) in enumerate(zip(params, ref)):
         assert p.dtype == dtype
         _assert_params_close(p, q, start[i], dtype, f"{tuple(p.shape)}")
@@ -265,10 +274,8 @@ def test_int8_momentum_with_the_vector_rule():
         grads = _grads(params + params2, step)
         _triton(params + params2, grads, states + states2, _args(weight_decay=0.1),
                 layouts + layouts2)
-        step_single_tensor(ref, grads[:2], ref_states,
-                           _args(weight_decay=0.1, block_size=4, factor_dims="largest",
-                                 factor_min_dim=7))
-        step_single_tensor(ref2, grads[2:], ref_states2, _args(weight_decay=0.1, block_size=8))
+        _reference(ref, grads[:2], ref_states, _args(weight_decay=0.1), layouts)
+        _reference(ref2, grads[2:], ref_states2, _args(weight_decay=0.1), layouts2)
     for i, (p, q, s, t) in enumerate(zip(params + params2, ref + ref2, states + states2,
                                          ref_states + ref_states2)):
         _assert_params_close(p, q, start[i], torch.float32, f"{tuple(p.shape)}")
@@ -321,7 +328,7 @@ def test_gradients_of_another_dtype_and_layout():
     assert not grads[0].is_contiguous()
     args = _args(weight_decay=0.1)
     _triton(params, grads, states, args, layouts)
-    step_single_tensor(ref, grads, ref_states, args)
+    _reference(ref, grads, ref_states, args, layouts)
     for i, (p, q) in enumerate(zip(params, ref)):
         _assert_params_close(p, q, q, torch.bfloat16, f"{tuple(p.shape)}")
         _assert_states_close(states[i], ref_states[i], f"{tuple(p.shape)}")
@@ -389,7 +396,7 @@ def test_stochastic_rounding_matches_reference_in_distribution():
     for step in range(3):
         grads = _grads(params, step)
         _triton(params, grads, states, args, layouts)
-        step_single_tensor(ref, grads, ref_states, args)
+        _reference(ref, grads, ref_states, args, layouts)
     for i, (p, q) in enumerate(zip(params, ref)):
         spacing = 2**-7 * q.float().abs().max()
         assert ((p.float() - q.float()).abs() <= 6 * spacing).all()
@@ -423,7 +430,9 @@ def _run_path(path, params, states, layouts, args, steps):
         else:
             params[:] = [p.cpu() for p in params]
             states[:] = _to(states, "cpu")
-            rest = step_fused_lowmem(params, [g.cpu() for g in grads], states, args)
+            for state in states:
+                state["step"] += 1  # the caller counts the step
+            rest = step_fused_lowmem(params, [g.cpu() for g in grads], states, args, layouts)
             assert rest == []
 
 
@@ -544,7 +553,7 @@ def test_moved_factored_dims_through_strides():
             for step in range(2):
                 grads = _grads(params, step)
                 _triton(params, grads, states, args, layouts)
-                step_single_tensor(ref, grads, ref_states, args)
+                _reference(ref, grads, ref_states, args, layouts)
         for i, (p, q) in enumerate(zip(params, ref)):
             _assert_params_close(p, q, start[i], torch.float32, f"{momentum} {tuple(p.shape)}")
             _assert_states_close(states[i], ref_states[i], f"{momentum} {tuple(p.shape)}",
@@ -566,7 +575,7 @@ def test_unmergeable_moved_dims_run_the_reference_with_a_warning():
         _triton(params, grads, states, args, layouts)
     assert any("do not merge" in str(w.message) and "reference" in str(w.message)
                for w in caught)
-    step_single_tensor(ref, grads, ref_states, args)
+    _reference(ref, grads, ref_states, args, layouts)
     assert torch.equal(params[0], ref[0])
     assert all(torch.equal(states[0][k], ref_states[0][k]) for k in ref_states[0])
     _assert_params_close(params[1], ref[1], start[1], torch.float32, "(3, 4)")
@@ -687,3 +696,33 @@ def test_kernels_compile_for_cuda_without_a_gpu():
     result = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def test_fused_true_runs_the_triton_kernels(monkeypatch):
+    """``CAME(fused=True)`` dispatches to the Triton kernels: on CUDA by default, on CPU with
+    the testing switch ``TORCHCAME_FUSED_BACKEND=triton`` (under the interpreter); the
+    launch counter proves they ran, and the result matches the reference."""
+    from torchcame import CAME
+
+    if not CUDA:
+        monkeypatch.setenv("TORCHCAME_FUSED_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(6, 5), (2, 3, 4), (7,)]
+    ours = [torch.randn(s, generator=gen).to(DEVICE).requires_grad_() for s in shapes]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    initial = [p.detach().clone() for p in ours]
+    opt = CAME(ours, lr=1e-2, weight_decay=0.1, fused=True, bias_correction=True)
+    opt_ref = CAME(ref, lr=1e-2, weight_decay=0.1, foreach=False, bias_correction=True)
+    before = sum(tk.LAUNCHES.values())
+    for _ in range(3):
+        for p, q in zip(ours, ref):
+            g = torch.randn(p.shape, generator=gen).to(DEVICE)
+            p.grad, q.grad = g, g.clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning: the kernels ran everything
+            opt.step()
+        opt_ref.step()
+    assert sum(tk.LAUNCHES.values()) > before
+    for p, q, p0, s in zip(ours, ref, initial, shapes):
+        scale = (q.detach() - p0).abs().max()  # the size of the whole update
+        assert scale > 0 and (p.detach() - q.detach()).abs().max() <= 1e-5 * scale, s

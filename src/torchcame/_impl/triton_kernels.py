@@ -156,6 +156,11 @@ def triton_available() -> bool:
     return triton is not None
 
 
+def unavailable_reason() -> str:
+    """Why ``triton`` is not usable here (``"available"`` when it is)."""
+    return "available" if triton is not None else f"import triton failed: {_TRITON_ERROR}"
+
+
 def interpreted() -> bool:
     """Whether the kernels were defined under Triton's interpreter.
 
@@ -862,11 +867,8 @@ def step_triton(params: list[Tensor], grads: list[Tensor], states: list[dict],
     if fallback:
         from .reference import step_single_tensor
 
-        sub = [states[i] for i in fallback]
-        for state in sub:  # the reference counts the step itself
-            state["step"] -= 1
-        step_single_tensor([params[i] for i in fallback], [grads[i] for i in fallback], sub,
-                           args)
+        step_single_tensor([params[i] for i in fallback], [grads[i] for i in fallback],
+                           [states[i] for i in fallback], args, [layouts[i] for i in fallback])
 
 
 def _step_group(key: tuple, params: list[Tensor], grads: list[Tensor], states: list[dict],
