@@ -1,9 +1,10 @@
 """CAME with ``torch.compile``: a compiled model, and a compiled optimizer step.
 
 Compiled code fuses and reorders float32 arithmetic, so compiled runs are compared with eager
-runs to ``rtol=1e-5, atol=1e-6`` after 6 steps (observed: a few 1e-7). The compiled step must
-not recompile per step when a scheduler changes a tensor lr: every graph is compiled by the
-second step (the first step creates the state, which changes the guards once).
+runs to the table's ``(float32, "compiled")`` tolerance (tests/cases.py) after 6 steps. The
+compiled step must not recompile per step when a scheduler changes a tensor lr: every graph
+is compiled by the second step (the first step creates the state, which changes the guards
+once).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import importlib.util
 
 import pytest
 import torch
+from cases import param_tol
+from driver import train
 from torch import nn
 
 from torchcame import CAME
 
 STEPS = 6
-RTOL, ATOL = 1e-5, 1e-6
+TOL = param_tol(torch.float32, "compiled")
 
 pytestmark = [
     pytest.mark.skipif(
@@ -60,17 +63,23 @@ def _schedule(opt):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 2) * 0.8**s)
 
 
-def _train(model, opt, sched, step_fn=None) -> None:
-    step_fn = step_fn or (lambda: (opt.step(), sched.step()))
-    for x, y in _batches():
+def _backward(model):
+    batches = _batches()
+
+    def set_grads(t: int) -> None:
+        x, y = batches[t]
         nn.functional.mse_loss(model(x), y).backward()
-        step_fn()
-        opt.zero_grad()
+    return set_grads
+
+
+def _train(model, opt, sched, step_fn=None, after=None) -> None:
+    step_fn = step_fn or (lambda: (opt.step(), sched.step()))
+    train(opt, STEPS, _backward(model), step=step_fn, after=after)
 
 
 def _assert_close_models(a: nn.Module, b: nn.Module) -> None:
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=RTOL, atol=ATOL, msg=name)
+        torch.testing.assert_close(pa, pb, rtol=TOL.rtol, atol=TOL.atol, msg=name)
 
 
 @pytest.mark.slow  # ~20 s on 2 cores: compiles forward and backward
@@ -117,11 +126,7 @@ def test_compiled_step_with_tensor_lr_scheduler(impl: dict) -> None:
         sched.step()
 
     graphs = []
-    for x, y in _batches():
-        nn.functional.mse_loss(model(x), y).backward()
-        step()
-        opt.zero_grad()
-        graphs.append(_graphs())
+    _train(model, opt, sched, step_fn=step, after=lambda t: graphs.append(_graphs()))
     assert graphs[0] > 0, "nothing was compiled"
     assert graphs[2:] == [graphs[1]] * (STEPS - 2), f"recompiled while lr changed: {graphs}"
     _assert_close_models(model, eager)

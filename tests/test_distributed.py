@@ -6,8 +6,13 @@ TCP port picked by the OS). Each launch runs every scenario of its world size an
 of the same model and data, computed here.
 
 Tolerance: float32, every tensor within ``max|a - b| <= RTOL * max|b|`` (norm-wise relative,
-RTOL = 1e-5) after 12 steps (15 for the resumed runs). Cross-rank sums change the summation
-order, so results are not bitwise equal; fully replicated parameters are.
+RTOL: the table's ``(float32, "distributed")`` row, tests/cases.py) after 12 steps (15 for the
+resumed runs). Cross-rank sums change the summation order, so results are not bitwise equal;
+fully replicated parameters are.
+
+Every scenario, and the single-process references, step through the suite's one training
+loop (``driver.train``), fed by :func:`batch_grads` (a model's backward on a rank's share of
+the global batch) or by :func:`placement_grads` (gradients assigned to DTensors).
 
 Run alone: ``pytest -m distributed tests/test_distributed.py``; a worker is this file run as a
 script (``python tests/test_distributed.py --rank R --world-size W --port P --out DIR``).
@@ -25,11 +30,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from cases import param_tol
+from driver import assign, train
 from torch import nn
 
 pytestmark = pytest.mark.distributed
 
-RTOL = 1e-5
+RTOL = param_tol(torch.float32, "distributed").rtol
 STEPS = 12
 RESUME_STEPS = 3
 EARLY_STEPS = 1  # bf16 momentum: compared tightly before rounding flips compound
@@ -123,10 +130,7 @@ def train_single(steps: int, groups=None, **options):
 
     model = make_net()
     optim = CAME((groups or param_groups)(model), **HYPER, **options)
-    for step in range(steps):
-        loss_fn(model, *batch(step)).backward()
-        optim.step()
-        optim.zero_grad()
+    train(optim, steps, batch_grads(model))
     return model, optim
 
 
@@ -180,12 +184,16 @@ def _fsdp_model(seed: int = 0, mesh=None, shard_dim: int = 0):
     return model
 
 
-def _train(model, optim, rank, world, steps, start=0, ddp_sync=None):
-    for step in range(start, start + steps):
-        idx, target = local_batch(step, rank, world)
-        loss_fn(model, idx, target).backward()
-        optim.step()
-        optim.zero_grad()
+def batch_grads(model, rank: int = 0, world: int = 1):
+    """``set_grads`` for ``driver.train``: backward of the loss on this rank's share of the
+    step's global batch (the whole batch for one process)."""
+    def set_grads(step: int) -> None:
+        loss_fn(model, *local_batch(step, rank, world)).backward()
+    return set_grads
+
+
+def _train(model, optim, rank, world, steps, start=0):
+    train(optim, steps, batch_grads(model, rank, world), start=start)
 
 
 def _count_all_reduces(fn) -> tuple[int, int]:
@@ -219,10 +227,10 @@ def _scenario_fsdp(rank, world, out: Path, save_ckpt: bool) -> None:
     _train(model, optim, rank, world, STEPS - 1)
     # The last step counts the all-reduces optim.step() issues (FSDP2's all-gathers and
     # reduce-scatters happen in forward and backward).
-    idx, target = local_batch(STEPS - 1, rank, world)
-    loss_fn(model, idx, target).backward()
-    counts = _count_all_reduces(optim.step)
-    optim.zero_grad()
+    counted = []
+    train(optim, 1, batch_grads(model, rank, world), start=STEPS - 1,
+          step=lambda: counted.append(_count_all_reduces(optim.step)))
+    (counts,) = counted
     snap = snapshot(model, optim)
     # a consolidated (full, rank 0) optimizer state dict, e.g. for a single-GPU export
     full_osd = get_optimizer_state_dict(
@@ -276,10 +284,14 @@ def _scenario_skip_nonfinite(rank, world, out: Path) -> None:
     model = _fsdp_model()
     optim = CAME(param_groups(model), **HYPER, skip_nonfinite=True)
     before = {n: full(p.detach()) for n, p in model.named_parameters()}
-    loss_fn(model, *local_batch(0, rank, world)).backward()
-    if rank == world - 1:
-        model.fc1.weight.grad.to_local()[0, 0] = float("inf")
-    optim.step()  # matrices skipped everywhere, vectors stepped
+    backward = batch_grads(model, rank, world)
+
+    def grads_with_an_inf(step: int) -> None:
+        backward(step)
+        if rank == world - 1:
+            model.fc1.weight.grad.to_local()[0, 0] = float("inf")
+
+    train(optim, 1, grads_with_an_inf)  # matrices skipped everywhere, vectors stepped
     skipped = [g["skipped_steps"] for g in optim.param_groups]
     after = {n: full(p.detach()) for n, p in model.named_parameters()}
     if rank == 0:
@@ -489,11 +501,8 @@ def _scenario_placements(rank, world, out: Path) -> None:
         placements = [Replicate()] if placement is None else [Shard(placement)]
         params.append(nn.Parameter(distribute_tensor(full_p, mesh, placements)))
     optim = CAME(params, **HYPER)
-    for step in range(STEPS):
-        for i, p in enumerate(params):
-            g = placement_grad(p.shape, step, i)
-            p.grad = distribute_tensor(g, mesh, p.placements)
-        optim.step()
+    train(optim, STEPS, placement_grads(
+        params, lambda g, p: distribute_tensor(g, mesh, p.placements)))
     result = {name: full(p.detach()) for name, p in zip(cases, params)}
     for name, p in zip(cases, params):
         for k, v in optim.state[p].items():
@@ -518,6 +527,13 @@ def placement_cases() -> dict[str, tuple[tuple[int, ...], int | None]]:
 def placement_grad(shape, step: int, i: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(10_000 * i + step + 1)
     return torch.randn(shape, generator=gen)
+
+
+def placement_grads(params, place=lambda g, p: g):
+    """``set_grads`` for ``driver.train``: each parameter's full :func:`placement_grad`,
+    laid out by ``place(grad, param)`` (a DTensor like the parameter, or as it is)."""
+    return assign(params, lambda step: [place(placement_grad(p.shape, step, i), p)
+                                        for i, p in enumerate(params)])
 
 
 def _scenario_errors(rank, world, out: Path) -> None:
@@ -827,10 +843,7 @@ def test_dtensor_placements_equal_single_process(runs, world):
     for i, (shape, _) in enumerate(placement_cases().values()):
         params.append(nn.Parameter(placement_grad(shape, -1, i)))
     optim = CAME(params, **HYPER)
-    for step in range(STEPS):
-        for i, p in enumerate(params):
-            p.grad = placement_grad(p.shape, step, i)
-        optim.step()
+    train(optim, STEPS, placement_grads(params))
     for name, p in zip(placement_cases(), params):
         ref[name] = p.detach()
         for k, v in optim.state[p].items():

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import clone_params, make_params, random_grads, save_load
+from cases import CASE_BY_NAME
+from driver import assert_same_run, assign, clone_params, make_params, random_grads, run_case, train
 
 from torchcame import CAME, step_in_backward
 from torchcame.lowbit import (
@@ -19,10 +20,7 @@ SMALL = [(8, 8), (30,)]  # below the threshold: stay float32
 
 def _run(params, steps, **kwargs):
     opt = CAME(params, lr=1e-2, weight_decay=0.01, **kwargs)
-    for t in range(steps):
-        for p, g in zip(params, random_grads(params, t)):
-            p.grad = g
-        opt.step()
+    train(opt, steps, assign(params, lambda t: random_grads(params, t)))
     return opt
 
 
@@ -63,17 +61,6 @@ def test_lowbit_momentum_layout(mode):
                 assert state[key].dtype == torch.float32
 
 
-@pytest.mark.parametrize("mode", [torch.bfloat16, "int8"])
-def test_first_step_uses_float_momentum_before_requantization(mode):
-    """Step 1 from zero state: only the *stored* m is rounded, the update is float32's."""
-    params = make_params(BIG)
-    ref = clone_params(params)
-    _run(params, 1, momentum_dtype=mode)
-    _run(ref, 1)
-    for p, q in zip(params, ref):
-        assert torch.equal(p, q)
-
-
 @pytest.mark.parametrize("mode, rel", [(torch.bfloat16, 0.02), ("int8", 0.05)])
 def test_lowbit_trajectory_stays_close_to_float32(mode, rel):
     params = make_params(BIG)
@@ -90,59 +77,6 @@ def test_lowbit_trajectory_stays_close_to_float32(mode, rel):
              if "exp_avg_absmax" in st else st["exp_avg"].float())
         assert (m - m_ref).norm() <= 2 * rel * m_ref.norm()
 
-
-
-def test_int8_state_dict_round_trip_and_exact_resume():
-    params = make_params(BIG)
-    opt = _run(params, 3, momentum_dtype="int8")
-    sd = save_load(opt.state_dict())
-    resumed = clone_params(params)
-    opt2 = CAME(resumed, lr=1e-2, weight_decay=0.01, momentum_dtype="int8")
-    opt2.load_state_dict(sd)
-    for t in range(3, 6):
-        for ps, o in ((params, opt), (resumed, opt2)):
-            for p, g in zip(ps, random_grads(ps, t)):
-                p.grad = g
-            o.step()
-    for p, q in zip(params, resumed):
-        assert torch.equal(p, q)
-
-
-def test_float32_checkpoint_converts_into_int8_and_back():
-    params = make_params(BIG + SMALL)
-    fp32 = _run(params, 3)
-    int8 = CAME(clone_params(params), lr=1e-2, momentum_dtype="int8")
-    int8.load_state_dict(fp32.state_dict())
-    assert int8.param_groups[0]["momentum_dtype"] == "int8"  # keeps its own layout
-    for p, q in zip(params, int8.param_groups[0]["params"]):
-        m = fp32.state[p]["exp_avg"]
-        st = int8.state[q]
-        if p.numel() >= 4096 and p.dim() >= 2:
-            codes, absmax = quantize_blockwise(m, 256)
-            assert torch.equal(st["exp_avg"], codes) and torch.equal(st["exp_avg_absmax"], absmax)
-        else:
-            assert torch.equal(st["exp_avg"], m)
-    back = CAME(clone_params(params), lr=1e-2)
-    back.load_state_dict(int8.state_dict())
-    for p, q in zip(int8.param_groups[0]["params"], back.param_groups[0]["params"]):
-        st = int8.state[p]
-        expected = (dequantize_blockwise(st["exp_avg"], st["exp_avg_absmax"], 256)
-                    if "exp_avg_absmax" in st else st["exp_avg"])
-        assert back.state[q]["exp_avg"].dtype == torch.float32
-        assert torch.equal(back.state[q]["exp_avg"], expected)
-        assert "exp_avg_absmax" not in back.state[q]
-
-
-def test_bad_lowbit_options_raise():
-    (p,) = make_params([(3, 4)])
-    with pytest.raises(ValueError, match="momentum_dtype"):
-        CAME([p], momentum_dtype=torch.float16)
-    with pytest.raises(ValueError, match="quantization_block_size"):
-        CAME([p], quantization_block_size=0)
-    with pytest.raises(TypeError, match="stochastic_rounding"):
-        CAME([p], stochastic_rounding=None)
-    with pytest.raises(ValueError, match="factor_dims"):
-        CAME([p], factor_dims="first_two")
 
 
 # ---------------------------------------------------------------- stochastic rounding
@@ -243,18 +177,21 @@ def test_step_in_backward_equals_normal_step_with_scheduler():
     opt_b = CAME(b.parameters(), lr=1e-2, weight_decay=0.01)
     sched_a = torch.optim.lr_scheduler.StepLR(opt_a, step_size=3, gamma=0.5)
     sched_b = torch.optim.lr_scheduler.StepLR(opt_b, step_size=3, gamma=0.5)
-    handle = step_in_backward(opt_b)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(8):
-        x, y = torch.randn(32, 6, generator=gen), torch.randn(32, 3, generator=gen)
-        torch.nn.functional.mse_loss(a(x), y).backward()
-        opt_a.step()
-        opt_a.zero_grad()
-        sched_a.step()
-        torch.nn.functional.mse_loss(b(x), y).backward()
+
+    def backward(model):
+        def set_grads(t):
+            gen = torch.Generator().manual_seed(1000 + t)
+            x, y = torch.randn(32, 6, generator=gen), torch.randn(32, 3, generator=gen)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+        return set_grads
+
+    def released(t):
         assert all(p.grad is None for p in b.parameters())  # released during backward
-        opt_b.step()  # a no-op now
         sched_b.step()
+
+    train(opt_a, 8, backward(a), after=lambda t: sched_a.step())
+    handle = step_in_backward(opt_b)
+    train(opt_b, 8, backward(b), after=released)  # opt_b.step() is a no-op now
     handle.remove()
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
@@ -281,42 +218,18 @@ def test_step_in_backward_refuses_other_optimizers():
 # ---------------------------------------------------------------- on the fast paths
 
 
-@pytest.mark.parametrize("impl", [dict(foreach=True), dict(fused=True)])
-@pytest.mark.parametrize("options", [
-    dict(momentum_dtype="int8"),
-    dict(momentum_dtype=torch.bfloat16),
-    dict(momentum_dtype="int8", stochastic_rounding=True),
-])
-def test_lowmem_options_on_fast_paths_match_reference(impl, options, monkeypatch):
+@pytest.mark.parametrize("case, dtype", [("momentum_int8", torch.float32),
+                                         ("momentum_bf16", torch.float32),
+                                         ("lowmem", torch.bfloat16)])
+def test_lowmem_options_on_several_chunks_match_reference(case, dtype, monkeypatch):
+    """The fast paths step low-bit momentum (and stochastically rounded weights) on float32
+    copies, a chunk of tensors at a time; with many chunks the multi-tensor path still equals
+    the reference bit for bit (the table's runs fit in one chunk)."""
     from torchcame._impl import foreach
 
     monkeypatch.setattr(foreach, "LOWBIT_CHUNK_ELEMENTS", 6000)  # several chunks
-    dtype = torch.bfloat16 if options.get("stochastic_rounding") else torch.float32
-    params = make_params(BIG + SMALL, dtype)
-    ref = clone_params(params)
-    torch.manual_seed(7)
-    opt = _run(params, 6, foreach=impl.get("foreach"), fused=impl.get("fused"), **options)
-    torch.manual_seed(7)
-    opt_ref = _run(ref, 6, foreach=False, **options)
-    exact = "foreach" in impl
-    for p, q in zip(params, ref):
-        if exact:
-            assert torch.equal(p, q)
-        elif dtype == torch.float32:  # fused: float32 rounding differs in the last bits
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
-        else:  # fused stochastic rounding draws other random bits: the trajectories part by
-            # at most one bf16 spacing per step (the states, independent of p, stay together)
-            spacing = 2**-7 * q.float().abs().max()
-            assert ((p.float() - q.float()).abs() <= 6 * spacing).all()
-        for key, value in opt_ref.state[q].items():
-            got = opt.state[p][key]
-            assert got.dtype == value.dtype, key
-            if exact or key == "step":
-                assert torch.equal(got, value), key
-            elif value.dtype == torch.int8:  # a code may flip where a value sits on a boundary
-                assert (got.int() - value.int()).abs().max() <= 1, key
-            else:
-                torch.testing.assert_close(got.float(), value.float(), rtol=1e-2, atol=1e-4)
+    row = CASE_BY_NAME[case]
+    assert_same_run(*run_case(row, dtype, "foreach"), *run_case(row, dtype, "reference"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -380,14 +293,3 @@ def test_stochastic_rounding_keeps_extremes(impl):
     head = p.detach().float()[0, :4]
     assert head[0] == float("inf") and head[1] == float("-inf") and torch.isnan(head[2])
     assert torch.isfinite(head[3])
-
-
-@pytest.mark.parametrize("impl", [dict(foreach=False), dict(foreach=True), dict(fused=True)])
-def test_lowmem_empty_tensors_count_steps(impl):
-    params = [torch.zeros(0, 5, requires_grad=True), torch.zeros(70, 70, requires_grad=True)]
-    opt = CAME(params, lr=1e-3, momentum_dtype="int8", **impl)
-    for _ in range(2):
-        for p in params:
-            p.grad = torch.ones_like(p)
-        opt.step()
-    assert [float(opt.state[p]["step"]) for p in params] == [2.0, 2.0]

@@ -3,56 +3,30 @@
 Each case runs 12 scheduled steps on a small parameter set (matrix, batch of matrices,
 vector) and compares the parameters with a hand-written loop on the reference path that sets
 ``group["lr"]`` (and, for OneCycleLR, β1) to the schedule's values as floats. Tolerance
-(float32 params): ``rtol=1e-5, atol=1e-6`` — the implementations agree to a few ulps per step,
-a float vs a tensor lr differs only in how ``lr * weight_decay`` is rounded.
+(float32 params): the table's ``(float32, "scheduled")`` row (tests/cases.py) — the
+implementations agree to a few ulps per step, a float vs a tensor lr differs only in how
+``lr * weight_decay`` is rounded.
 
-A path is skipped only when its module does not exist yet. The fused path must not compile
-anything per step: the number of graphs Dynamo compiled may not grow after the first step.
+The fused path must not compile anything per step: the number of graphs Dynamo compiled may
+not grow after the first step.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
 import torch
+from cases import IMPLS, param_tol
+from cases import SHAPES as TABLE_SHAPES
+from driver import assign, make_params, random_grads, train
 
 from torchcame import CAME
 
-SHAPES = [(6, 8), (2, 3, 5), (7,)]
+SHAPES = [TABLE_SHAPES[3], TABLE_SHAPES[4], TABLE_SHAPES[1]]  # matrix, batch, vector
 STEPS = 12
 BASE_LR = 1e-2
-RTOL, ATOL = 1e-5, 1e-6
-
-
-def _impl_available(module: str) -> bool:
-    return importlib.util.find_spec(f"torchcame._impl.{module}") is not None
-
-
-def _fused_ready() -> bool:
-    if not _impl_available("fused"):
-        return False
-    try:  # the CPU kernel compiles just in time; without a compiler fused falls back
-        from torchcame._impl import fused  # noqa: F401
-    except Exception:  # pragma: no cover - an in-progress module that does not import
-        return False
-    return True
-
-
-IMPLS = [
-    pytest.param({"foreach": False, "fused": False}, id="reference"),
-    pytest.param(
-        {"foreach": True},
-        id="foreach",
-        marks=pytest.mark.skipif(not _impl_available("foreach"), reason="no foreach path yet"),
-    ),
-    pytest.param(
-        {"fused": True},
-        id="fused",
-        marks=pytest.mark.skipif(not _fused_ready(), reason="no fused path yet"),
-    ),
-]
+TOL = param_tol(torch.float32, "scheduled")
 
 
 def _hf_cosine(opt, total):
@@ -80,13 +54,14 @@ SCHEDULERS = {
 
 
 def _params() -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    return [torch.randn(s, generator=gen).requires_grad_() for s in SHAPES]
+    return make_params(SHAPES)
+
+
+_LIKE = [torch.zeros(s) for s in SHAPES]
 
 
 def _grads(step: int) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(1000 + step)
-    return [torch.randn(s, generator=gen) for s in SHAPES]
+    return random_grads(_LIKE, step, seed=2)
 
 
 def _dynamo_graphs() -> int:
@@ -101,35 +76,37 @@ def _run_scheduled(name: str, lr: float | torch.Tensor, impl: dict):
     opt = CAME(params, lr=lr, weight_decay=0.1, **impl)
     sched = SCHEDULERS[name](opt, STEPS)
     used, graphs = [], []
-    for step in range(STEPS):
+    set_grads = assign(params, _grads)
+
+    def record_and_set_grads(step):
         group = opt.param_groups[0]
         used.append((float(group["lr"]), tuple(group["betas"])))
-        for p, g in zip(params, _grads(step)):
-            p.grad = g
-        opt.step()
-        sched.step()
-        graphs.append(_dynamo_graphs())
+        set_grads(step)
+
+    train(opt, STEPS, record_and_set_grads,
+          after=lambda step: (sched.step(), graphs.append(_dynamo_graphs())))
     return params, used, graphs, opt
 
 
 def _run_manual(used) -> list[torch.Tensor]:
     params = _params()
-    opt = CAME(params, lr=BASE_LR, weight_decay=0.1, foreach=False, fused=False)
-    for step, (lr, betas) in enumerate(used):
-        opt.param_groups[0]["lr"] = lr
-        opt.param_groups[0]["betas"] = betas
-        for p, g in zip(params, _grads(step)):
-            p.grad = g
-        opt.step()
+    opt = CAME(params, lr=BASE_LR, weight_decay=0.1, **IMPLS["reference"])
+    set_grads = assign(params, _grads)
+
+    def set_hyper_and_grads(step):
+        opt.param_groups[0]["lr"], opt.param_groups[0]["betas"] = used[step]
+        set_grads(step)
+
+    train(opt, len(used), set_hyper_and_grads)
     return params
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("lr_kind", ["float", "tensor"])
 @pytest.mark.parametrize("name", list(SCHEDULERS))
-def test_scheduler_drives_came(name: str, lr_kind: str, impl: dict) -> None:
+def test_scheduler_drives_came(name: str, lr_kind: str, impl: str) -> None:
     lr = BASE_LR if lr_kind == "float" else torch.tensor(BASE_LR)
-    params, used, graphs, opt = _run_scheduled(name, lr, impl)
+    params, used, graphs, opt = _run_scheduled(name, lr, IMPLS[impl])
 
     group = opt.param_groups[0]
     if lr_kind == "tensor":  # schedulers fill the tensor in place, never replace it
@@ -147,9 +124,9 @@ def test_scheduler_drives_came(name: str, lr_kind: str, impl: dict) -> None:
 
     expected = _run_manual(used)
     for got, want in zip(params, expected):
-        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(got, want, rtol=TOL.rtol, atol=TOL.atol)
 
-    if impl.get("fused"):  # no compilation per step: whatever was compiled, was at step 1
+    if impl == "fused":  # no compilation per step: whatever was compiled, was at step 1
         assert graphs[1:] == [graphs[0]] * (STEPS - 1), f"dynamo counters grew: {graphs}"
 
 
@@ -159,10 +136,8 @@ def test_hf_cosine_schedule_values() -> None:
     opt = CAME([torch.zeros(2, 2, requires_grad=True)], lr=torch.tensor(1e-3))
     sched = transformers.get_cosine_schedule_with_warmup(opt, 2, 10)
     seen = []
-    for _ in range(10):
-        seen.append(float(opt.param_groups[0]["lr"]))
-        opt.step()
-        sched.step()
+    train(opt, 10, lambda t: seen.append(float(opt.param_groups[0]["lr"])),
+          after=lambda t: sched.step())
     expected = [1e-3 * s / 2 if s < 2 else 1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 8))
                 for s in range(10)]
     assert seen == pytest.approx(expected, rel=1e-6)
@@ -176,11 +151,8 @@ def test_scheduler_state_dict_round_trip() -> None:
         return params, opt, SCHEDULERS["onecycle"](opt, STEPS)
 
     def run(params, opt, sched, steps):
-        for step in steps:
-            for p, g in zip(params, _grads(step)):
-                p.grad = g
-            opt.step()
-            sched.step()
+        train(opt, len(steps), assign(params, _grads), start=steps[0],
+              after=lambda t: sched.step())
 
     params, opt, sched = make()
     run(params, opt, sched, range(STEPS))
@@ -203,16 +175,7 @@ def test_scheduler_state_dict_round_trip() -> None:
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def _step_compiled_available() -> bool:
-    if not _fused_ready():
-        return False
-    from torchcame._impl import compiled
-
-    return hasattr(compiled, "step_compiled")
-
-
 @pytest.mark.slow  # compiles two small graphs (~10-20 s on 2 cores)
-@pytest.mark.skipif(not _step_compiled_available(), reason="no torch.compile fused step yet")
 @pytest.mark.parametrize("lr_kind, schedule", [("float", "lambda"), ("tensor", "lambda"),
                                                ("float", "onecycle")])
 def test_fused_compiled_step_no_recompile_under_scheduler(lr_kind: str, schedule: str) -> None:
@@ -220,9 +183,9 @@ def test_fused_compiled_step_no_recompile_under_scheduler(lr_kind: str, schedule
     ``step_compiled``) compiles once per tensor shape: an lr that changes every step (float
     or tensor), or a beta1 cycled by OneCycleLR, does not recompile, and the result matches
     the reference."""
-    from torchcame._impl.common import StepArgs
     from torchcame._impl.compiled import step_compiled
     from torchcame.functional import init_state
+    from torchcame.options import StepArgs
     from torchcame.state import layout_of
 
     torch._dynamo.reset()
@@ -233,20 +196,21 @@ def test_fused_compiled_step_no_recompile_under_scheduler(lr_kind: str, schedule
     holder = CAME([torch.zeros(1, requires_grad=True)], lr=lr)  # only to drive the scheduler
     sched = SCHEDULERS[schedule](holder, STEPS)
     used, graphs = [], []
-    for step in range(STEPS):
+
+    def compiled_step(step):
         group = holder.param_groups[0]
         used.append((float(group["lr"]), tuple(group["betas"])))
         args = StepArgs(lr=group["lr"], betas=group["betas"], eps=group["eps"],
                         clip_threshold=group["clip_threshold"], weight_decay=0.1)
         for state in states:  # the caller counts the step (functional.step_group does)
             state["step"] += 1
-        layouts = [layout_of(p, {}) for p in params]
-        assert step_compiled(params, _grads(step), states, args, layouts) == []
-        holder.step()
-        sched.step()
-        graphs.append(_dynamo_graphs())
+        assert step_compiled(params, _grads(step), states, args,
+                             [layout_of(p, {}) for p in params]) == []
+
+    train(holder, STEPS, compiled_step,
+          after=lambda step: (sched.step(), graphs.append(_dynamo_graphs())))
     assert graphs[0] > 0, "nothing was compiled"
     assert graphs[1:] == [graphs[0]] * (STEPS - 1), f"recompiled while lr changed: {graphs}"
     for got, want in zip(params, _run_manual(used)):
-        torch.testing.assert_close(got, want.detach(), rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(got, want.detach(), rtol=TOL.rtol, atol=TOL.atol)
     torch._dynamo.reset()

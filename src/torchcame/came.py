@@ -154,12 +154,17 @@ class CAME(Optimizer):
         options = tuple(group[k] for k in LAYOUT_OPTIONS)
         cached = cache_all.get(id(group))
         if cached is None or cached[0] is not group or cached[1] != options:
+            changed = ""
+            if cached is not None and cached[0] is group:
+                changed = ", ".join(f"{k} changed from {a!r} to {b!r}" for k, a, b in
+                                    zip(LAYOUT_OPTIONS, cached[1], options) if a != b)
             cached = (group, options, {})
             cache_all[id(group)] = cached
             for p in group["params"]:
                 state = self.state.get(p)
                 if state:
-                    check_layout_unchanged(p, state, self._layout(cached[2], group, p), index)
+                    check_layout_unchanged(p, state, self._layout(cached[2], group, p), index,
+                                           changed)
         return [self._layout(cached[2], group, p) for p in params]
 
     @staticmethod
@@ -394,8 +399,8 @@ def _checked_saved_group(index: int, saved: Any) -> dict[str, Any]:
     group.setdefault("skipped_steps", 0)
     try:
         return validate_options(group)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"param group {index} of the state dict: {exc}") from None
+    except (TypeError, ValueError) as exc:  # same type, naming the group
+        raise type(exc)(f"param group {index} of the state dict: {exc}") from None
 
 
 @torch.compiler.disable

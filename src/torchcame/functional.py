@@ -149,11 +149,34 @@ def _subset(index: list[int], *lists: list) -> tuple[list, ...]:
     return tuple([items[i] for i in index] for items in lists)
 
 
+def _triton_wanted(params: list[Tensor]) -> bool:
+    """Whether any tensor should run the Triton kernels: CUDA tensors, or the testing switch
+    :data:`FUSED_BACKEND_ENV` ``=triton``. Imports triton only then."""
+    return (os.environ.get(FUSED_BACKEND_ENV) == "triton"
+            or any(p.device.type == "cuda" for p in params))
+
+
 def _step_fused(params: list[Tensor], grads: list[Tensor], states: list[dict], args: StepArgs,
                 layouts: list[StateLayout]) -> None:
-    """The fused implementations, and an explicit warning for what they cannot run."""
+    """The fused implementations: Triton kernels on CUDA (when triton imports), the C++
+    kernel on CPU, ``torch.compile`` on CUDA without triton; a one-time warning for what a
+    kernel cannot run."""
     from ._impl import fused
 
+    if _triton_wanted(params):
+        from ._impl import triton_kernels
+
+        on_triton = [i for i, p in enumerate(params) if triton_kernels.use_triton(p.device)]
+        if on_triton:
+            triton_kernels.step_triton(*_subset(on_triton, params, grads, states), args,
+                                       [layouts[i] for i in on_triton])
+            rest = sorted(set(range(len(params))) - set(on_triton))
+            params, grads, states, layouts = _subset(rest, params, grads, states, layouts)
+            if not params:
+                return
+        if any(p.device.type == "cuda" for p in params):
+            warn_once("torchcame: fused=True on CUDA without Triton "
+                      f"({triton_kernels.unavailable_reason()}); the torch.compile path runs")
     unsupported = [i for i, (p, layout) in enumerate(zip(params, layouts))
                    if layout.moved(p.dim())]
     if unsupported:

@@ -187,7 +187,7 @@ def init_state(param: Tensor, layout: StateLayout) -> dict[str, Tensor]:
 
 
 def check_layout_unchanged(param: Tensor, state: Mapping[str, Any], layout: StateLayout,
-                           group_index: int) -> None:
+                           group_index: int, changed: str = "") -> None:
     """Raise if ``state`` (existing) was not built with ``layout`` (the group's options now).
 
     Layout options are fixed at state creation; changing them in ``param_groups`` afterwards
@@ -200,9 +200,9 @@ def check_layout_unchanged(param: Tensor, state: Mapping[str, Any], layout: Stat
         raise ValueError(
             f"param group {group_index}: the state of a parameter of shape "
             f"{tuple(param.shape)} was created with other layout options than the group's "
-            f"current ones ({', '.join(LAYOUT_OPTIONS)}); these are fixed once a parameter "
-            "has state. To change them, build a new CAME with the new options and load this "
-            "one's state_dict() into it (the momentum is converted)"
+            f"current ones ({changed or ', '.join(LAYOUT_OPTIONS)}); these are fixed once a "
+            "parameter has state. To change them, build a new CAME with the new options and "
+            "load this one's state_dict() into it (the momentum is converted)"
         )
 
 
@@ -245,8 +245,8 @@ def _check_tensor(key: str, value: Any, shape: tuple, where: str) -> Tensor:
                          "dtype")
     if local.numel():
         if not bool(torch.isfinite(local).all()):
-            raise ValueError(f"{where}: state {key!r} holds inf or NaN (a corrupt or diverged "
-                             "checkpoint)")
+            raise ValueError(f"{where}: state {key!r} holds non-finite values (inf/nan: a "
+                             "corrupt or diverged checkpoint)")
         if key in STATISTIC_KEYS and bool((local < 0).any()):
             raise ValueError(f"{where}: state {key!r} holds negative values (it is a mean of "
                              "squares)")

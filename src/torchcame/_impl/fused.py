@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._factored import is_factored
 from ..options import StepArgs
 from ..state import StateLayout
 from .compiled import step_compiled
@@ -56,7 +55,7 @@ def step_fused(params: list[Tensor], grads: list[Tensor], states: list[dict],
     for i, param in enumerate(params):
         if param.numel() == 0:
             continue
-        keys = _FACTORED_KEYS if is_factored(param.shape) else _FULL_KEYS
+        keys = _FACTORED_KEYS if layouts[i].factored else _FULL_KEYS
         tensors = [param, *(states[i][k] for k in keys)]
         if (param.dtype not in _KERNEL_DTYPES or grads[i].dtype != param.dtype
                 or not all(t.is_contiguous() for t in tensors)):
@@ -75,7 +74,7 @@ def step_fused(params: list[Tensor], grads: list[Tensor], states: list[dict],
             fallback += cpu
         else:
             _step_kernel(kernel, [params[i] for i in cpu], [grads[i] for i in cpu],
-                         [states[i] for i in cpu], args)
+                         [states[i] for i in cpu], args, [layouts[i] for i in cpu])
     if other:
         failed = step_compiled([params[i] for i in other], [grads[i] for i in other],
                                [states[i] for i in other], args,
@@ -98,13 +97,13 @@ def _lr_tensor(lr: float | Tensor) -> Tensor:
 
 
 def _step_kernel(kernel, params: list[Tensor], grads: list[Tensor], states: list[dict],
-                 args: StepArgs) -> None:
+                 args: StepArgs, layouts: list[StateLayout]) -> None:
     lr = _lr_tensor(args.lr)
     # a tensor lr changes how the reference rounds weight decay (lr cast to the param dtype)
     hyper = (isinstance(args.lr, Tensor), float(args.weight_decay), list(args.betas),
              list(args.eps), float(args.clip_threshold), bool(args.maximize))
-    factored = [i for i, p in enumerate(params) if is_factored(p.shape)]
-    full = [i for i, p in enumerate(params) if not is_factored(p.shape)]
+    factored = [i for i, layout in enumerate(layouts) if layout.factored]
+    full = [i for i, layout in enumerate(layouts) if not layout.factored]
     if factored:
         kernel.factored_step(
             [params[i] for i in factored],
@@ -143,7 +142,7 @@ def step_fused_lowmem(params: list[Tensor], grads: list[Tensor], states: list[di
     eligible, rest = [], []
     for i, param in enumerate(params):
         state = states[i]
-        keys = _FACTORED_KEYS if is_factored(param.shape) else _FULL_KEYS
+        keys = _FACTORED_KEYS if layouts[i].factored else _FULL_KEYS
         tensors = [param, grads[i], *(state[k] for k in keys)]
         if (param.device.type == "cpu" and param.dtype in _LOWMEM_DTYPES
                 and grads[i].dtype == param.dtype
@@ -172,8 +171,8 @@ def step_fused_lowmem(params: list[Tensor], grads: list[Tensor], states: list[di
     def absmax(state: dict) -> Tensor:
         return state.get("exp_avg_absmax", empty)
 
-    factored = [i for i in eligible if is_factored(params[i].shape)]
-    full = [i for i in eligible if not is_factored(params[i].shape)]
+    factored = [i for i in eligible if layouts[i].factored]
+    full = [i for i in eligible if not layouts[i].factored]
     if factored:
         kernel.factored_step_lowmem(
             [params[i] for i in factored], [grads[i] for i in factored],
