@@ -30,7 +30,8 @@ What the container adds to torchtitan's:
   flags in every group: ``"fused"`` runs CAME's fused path on plain tensors (a C++ kernel on
   CPU, Triton on CUDA; equal to the reference up to float32 rounding), ``"foreach"`` its
   multi-tensor path and ``"for-loop"`` its per-tensor reference. Sharded (DTensor) parameters
-  always use the reference math on their local shards. ``"fused_opt_states_bf16"`` is an
+  (torchtitan wraps even one rank in FSDP2) always use the reference math on their local
+  shards; with ``"fused"`` CAME warns once that it does. ``"fused_opt_states_bf16"`` is an
   Adam-only mode: for CAME groups it raises, pointing to ``momentum_dtype``.
 - The ``param_names`` torchtitan puts in every group are kept by CAME (torch.optim records
   them); checkpoints are keyed by them.
