@@ -2,7 +2,7 @@
 
 The unit tests build :class:`CAMEOptimizersContainer` on a small module (one process). The
 distributed tests train a tiny Llama 3 (torchtitan's ``debugmodel`` cut to 2 layers: dim 256,
-vocab 2048, 2.9M parameters; seq_len 64, global batch 4, 6 steps, lr 1e-3 after a 1-step
+vocab 2048, 2.8M parameters; seq_len 64, global batch 4, 6 steps, lr 1e-3 after a 1-step
 warmup) with torchtitan's own ``Trainer``, on gloo process groups on CPU, one OS process per
 rank, ``OMP_NUM_THREADS=1``:
 
@@ -10,7 +10,7 @@ rank, ``OMP_NUM_THREADS=1``:
 - 2 ranks, FSDP2: the loss of every step within ``LOSS_RTOL`` (relative) of 1 rank, and the
   final parameters within ``PARAM_RTOL`` of 1 rank (``max|a - b| <= PARAM_RTOL * max|b|``
   per tensor). Float32 throughout (``mixed_precision_param="float32"``): the runs differ only
-  in the order of the cross-rank sums (gradient reduce-scatter, CAME's two all-reduces), and
+  in the order of the cross-rank sums (gradient reduce-scatter, CAME's all-reduces), and
   CAME amplifies such differences over steps (docs/distributed.md);
 - 2 ranks resumed (a fresh ``Trainer``) from torchtitan's DCP checkpoint of step 3: steps 4-6,
   the final parameters and the optimizer state bitwise equal to the straight run;
