@@ -617,3 +617,19 @@ if __name__ == "__main__":
     parser.add_argument("--mode", required=True)
     args = parser.parse_args()
     worker(args.rank, args.world_size, args.tp, args.port, args.out, args.mode)
+
+
+def test_bare_came_is_exact_under_torchtitans_state_init():
+    """torchtitan's own zero-gradient ``init_optim_state`` on a bare CAME (no container)
+    allocates zero state and counts no step."""
+    utils = pytest.importorskip("torchtitan.components.optimizer.utils",
+                                reason="torchtitan is not installed")
+    from torchcame import CAME
+
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    before = p.detach().clone()
+    opt = CAME([p], lr=1e-2)
+    utils.init_optim_state(opt)
+    assert float(opt.state[p]["step"]) == 0.0
+    assert torch.equal(opt.state[p]["exp_avg_sq_row"], torch.zeros(4))
+    assert torch.equal(p.detach(), before)

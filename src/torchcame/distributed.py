@@ -426,22 +426,30 @@ def load_state_dtensor(param: Tensor, entry: dict[str, Any],
     return out
 
 
-def called_from_dcp_state_init() -> bool:
-    """Whether the current ``step`` was called by DCP's ``_init_optim_state``.
+#: (function name, module prefix) of the engines' zero-gradient state initializations.
+_STATE_INIT_CALLERS = (
+    ("_init_optim_state", "torch.distributed.checkpoint"),
+    ("init_optim_state", "torchtitan.components.optimizer"),
+)
 
-    ``torch.distributed.checkpoint.state_dict`` builds the lazy state of a fresh optimizer by
-    stepping it once with zero gradients and lr = 0. For CAME that step is not a no-op (it
-    counts a step, moves ``r``/``c`` toward eps and ``R``/``C`` toward eps2), so
-    :class:`torchcame.CAME` recognizes the call and only allocates its zero state instead.
+
+def called_from_dcp_state_init() -> bool:
+    """Whether the current ``step`` was called to initialize state with zero gradients.
+
+    ``torch.distributed.checkpoint.state_dict`` (``_init_optim_state``) and torchtitan
+    (``init_optim_state``) build the lazy state of a fresh optimizer by stepping it once with
+    zero gradients and lr = 0. For CAME that step is not a no-op (it counts a step, moves
+    ``r``/``c`` toward eps and ``R``/``C`` toward eps2), so :class:`torchcame.CAME`
+    recognizes the call and only allocates its zero state instead.
     """
     frame = sys._getframe(1)
     for _ in range(12):
         if frame is None:
             return False
-        if frame.f_code.co_name == "_init_optim_state" and str(
-            frame.f_globals.get("__name__", "")
-        ).startswith("torch.distributed.checkpoint"):
-            return True
+        module = str(frame.f_globals.get("__name__", ""))
+        for name, prefix in _STATE_INIT_CALLERS:
+            if frame.f_code.co_name == name and module.startswith(prefix):
+                return True
         frame = frame.f_back
     return False
 
