@@ -26,7 +26,7 @@ import torch
 from conftest import SHAPES
 
 import torchcame
-from torchcame._impl import fused_kernel
+from torchcame._impl import cpu_kernel
 from torchcame._impl.common import StepArgs
 from torchcame.functional import _resolve_impl, came, init_state
 
@@ -53,7 +53,7 @@ TOL = {
 STATE_TOL = {torch.float64: dict(rtol=1e-12, atol=1e-14)}
 STATE_TOL_DEFAULT = dict(rtol=1e-5, atol=1e-6)
 
-needs_kernel = pytest.mark.skipif(not fused_kernel.kernel_buildable(),
+needs_kernel = pytest.mark.skipif(not cpu_kernel.kernel_buildable(),
                                   reason="no C++ compiler for the fused CPU kernel")
 
 
@@ -123,8 +123,8 @@ def test_foreach_chunking_does_not_change_results(monkeypatch):
 
 
 def test_fused_without_kernel_falls_back_to_foreach(monkeypatch):
-    monkeypatch.setattr(fused_kernel, "_module", None)
-    monkeypatch.setattr(fused_kernel, "_failure", "no compiler (test)")
+    monkeypatch.setattr(cpu_kernel, "_module", None)
+    monkeypatch.setattr(cpu_kernel, "_failure", "no compiler (test)")
     # without the kernel the fused path runs the foreach path: bit-identical to the reference
     monkeypatch.setitem(TOL, "fused", TOL["foreach"])
     monkeypatch.setitem(STATE_TOL, torch.float32, TOL["foreach"][torch.float32])

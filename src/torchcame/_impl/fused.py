@@ -2,9 +2,9 @@
 
 Two backends, chosen per device:
 
-* **CPU**: a native C++ kernel (:mod:`._impl.fused_kernel`), compiled just in time with
-  ``torch.utils.cpp_extension.load_inline`` on first use (~35 s once, then cached per user)
-  and parallel over rows. It reads the gradient three times, the momentum twice, writes
+* **CPU**: the native C++ kernel (:func:`.cpu_kernel.step_cpu_kernel`; source in
+  ``_impl/csrc``), compiled just in time on first use (about a minute once, then cached per
+  user) and parallel over rows. It reads the gradient three times, the momentum twice, writes
   it once, and reads/writes the parameter once; u, U and S_hat are never stored.
 * **other devices (CUDA)**: ``torch.compile`` (Triton) of a per-tensor step function, one
   compiled graph per (shape, dtype, hyperparameters) with ``dynamic=False``; ``lr`` is passed
@@ -26,12 +26,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._factored import factor_rsqrt, is_factored
+from .._factored import factor_rsqrt, factored_dims, is_factored
+from ..state import StateLayout
 from .common import StepArgs, compute_dtype
+from .cpu_kernel import step_cpu_kernel
 from .foreach import step_multi_tensor
 
-__all__ = ["step_fused", "step_fused_lowmem", "step_compiled", "kernel_available",
-           "kernel_workspace_bytes"]
+__all__ = ["step_fused", "step_fused_lowmem", "step_compiled"]
 
 _FACTORED_KEYS = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row",
                   "exp_avg_res_col")
@@ -39,11 +40,21 @@ _FULL_KEYS = ("exp_avg", "exp_avg_sq")
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def kernel_available() -> bool:
-    """Whether the native CPU kernel is (or can be) built; builds it on first call."""
-    from .fused_kernel import load_kernel
+def _layouts_from_states(params: list[Tensor], states: list[dict],
+                         args: StepArgs) -> list[StateLayout]:
+    """Each parameter's state layout, read off its state.
 
-    return load_kernel() is not None
+    Transitional: until the state module hands every implementation its layouts (issue #11,
+    item 2), the fused path's two entry points below derive them here for
+    :func:`.cpu_kernel.step_cpu_kernel`, which itself never inspects dtypes.
+    """
+    momentum = {torch.int8: "int8", torch.bfloat16: "bfloat16"}
+    return [StateLayout(momentum=momentum.get(state["exp_avg"].dtype, "float32"),
+                        block_size=int(args.block_size),
+                        factored_dims=factored_dims(param.shape, args.factor_dims,
+                                                    args.factor_min_dim),
+                        compute_dtype=compute_dtype(param.dtype))
+            for param, state in zip(params, states, strict=True)]
 
 
 def step_fused(
@@ -58,28 +69,23 @@ def step_fused(
     other: list[int] = []
     fallback: list[int] = []
     for i, param in enumerate(params):
+        if param.device.type == "cpu":
+            cpu.append(i)  # the kernel's driver checks what it can take
+            continue
         if param.numel() == 0:
             continue
         keys = _FACTORED_KEYS if is_factored(param.shape) else _FULL_KEYS
         tensors = [param, *(states[i][k] for k in keys)]
         if (param.dtype not in _KERNEL_DTYPES or grads[i].dtype != param.dtype
                 or not all(t.is_contiguous() for t in tensors)):
-            # e.g. float32 grads of bf16 params: the kernel reads grads in the param's dtype,
-            # and rounding them to bf16 would change the result; the foreach path upcasts.
             fallback.append(i)
-        elif param.device.type == "cpu":
-            cpu.append(i)
         else:
             other.append(i)
     if cpu:
-        from .fused_kernel import load_kernel
-
-        kernel = load_kernel()
-        if kernel is None:
-            fallback += cpu
-        else:
-            _step_kernel(kernel, [params[i] for i in cpu], [grads[i] for i in cpu],
-                         [states[i] for i in cpu], args)
+        cpu_params, cpu_states = [params[i] for i in cpu], [states[i] for i in cpu]
+        untouched = step_cpu_kernel(cpu_params, [grads[i] for i in cpu], cpu_states, args,
+                                    _layouts_from_states(cpu_params, cpu_states, args))
+        fallback += [cpu[i] for i in untouched]
     if other:
         failed = step_compiled([params[i] for i in other], [grads[i] for i in other],
                                [states[i] for i in other], args, count_step=False)
@@ -96,134 +102,24 @@ def _step_unstepped_foreach(params, grads, states, args) -> None:
     step_multi_tensor(params, grads, states, args)
 
 
-def _kernel_grad(grad: Tensor, param: Tensor) -> Tensor:
-    return grad.contiguous()  # same dtype as param (checked in step_fused)
-
-
-def _lr_tensor(lr: float | Tensor) -> Tensor:
-    """lr for the kernel, as a CPU tensor (a no-op for a CPU tensor lr: no sync, no copy)."""
-    if isinstance(lr, Tensor):
-        return lr.detach().to("cpu")
-    return torch.tensor(lr, dtype=torch.float64)
-
-
-def _step_kernel(kernel, params: list[Tensor], grads: list[Tensor], states: list[dict],
-                 args: StepArgs) -> None:
-    lr = _lr_tensor(args.lr)
-    # a tensor lr changes how the reference rounds weight decay (lr cast to the param dtype)
-    hyper = (isinstance(args.lr, Tensor), float(args.weight_decay), list(args.betas),
-             list(args.eps), float(args.clip_threshold), bool(args.maximize))
-    factored = [i for i, p in enumerate(params) if is_factored(p.shape)]
-    full = [i for i, p in enumerate(params) if not is_factored(p.shape)]
-    if factored:
-        kernel.factored_step(
-            [params[i] for i in factored],
-            [_kernel_grad(grads[i], params[i]) for i in factored],
-            *([states[i][k] for i in factored] for k in _FACTORED_KEYS),
-            lr, *hyper,
-        )
-    if full:
-        kernel.full_step(
-            [params[i] for i in full],
-            [_kernel_grad(grads[i], params[i]) for i in full],
-            *([states[i][k] for i in full] for k in _FULL_KEYS),
-            lr, *hyper,
-        )
-
-
-_LOWMEM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def step_fused_lowmem(params: list[Tensor], grads: list[Tensor], states: list[dict],
                       args: StepArgs) -> list[int]:
     """The native CPU kernel with low-bit momentum and stochastic rounding handled inside it.
 
-    bf16/int8 momentum is decoded and re-encoded a row or a block at a time and bf16/fp16
-    weights are rounded stochastically as they are written, so the step allocates no
-    full-size float32 copy of anything (extra memory O(rows + cols) plus a block per thread).
-    Same arithmetic as the other paths' low-memory handling; stochastic rounding draws its
-    random bits from a counter-based generator seeded from torch's default generator (one
-    draw per call), so results are reproducible under ``torch.manual_seed`` but are not the
-    same random draws as the reference path's ``torch.rand``.
-
-    Steps the tensors it can (CPU, float32/bf16/fp16, gradient of the parameter's dtype,
-    contiguous) and returns the indices of the others, untouched (their ``step`` not counted).
+    Steps (and counts ``step`` of) the tensors :func:`.cpu_kernel.step_cpu_kernel` can take
+    and returns the indices of the others, untouched (their ``step`` not counted).
     """
-    eligible, rest = [], []
-    for i, param in enumerate(params):
-        state = states[i]
-        keys = _FACTORED_KEYS if is_factored(param.shape) else _FULL_KEYS
-        tensors = [param, grads[i], *(state[k] for k in keys)]
-        if (param.device.type == "cpu" and param.dtype in _LOWMEM_DTYPES
-                and grads[i].dtype == param.dtype
-                and all(t.is_contiguous() for t in tensors)):
-            eligible.append(i)
-        else:
-            rest.append(i)
-    if not eligible:
-        return rest
-    from .fused_kernel import load_kernel
-
-    kernel = load_kernel()
-    if kernel is None or not hasattr(kernel, "factored_step_lowmem"):
-        return list(range(len(params)))
-    torch._foreach_add_([states[i]["step"] for i in eligible], 1.0)  # empty tensors too
-    eligible = [i for i in eligible if params[i].numel() > 0]
-    lr = _lr_tensor(args.lr)
-    hyper = (isinstance(args.lr, Tensor), float(args.weight_decay), list(args.betas),
-             list(args.eps), float(args.clip_threshold), bool(args.maximize))
-    seed = 0
-    if args.stochastic_rounding:  # one draw from torch's default generator per call
-        seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
-    low = (int(args.block_size), bool(args.stochastic_rounding), seed)
-    empty = torch.empty(0)
-
-    def absmax(state: dict) -> Tensor:
-        return state.get("exp_avg_absmax", empty)
-
-    factored = [i for i in eligible if is_factored(params[i].shape)]
-    full = [i for i in eligible if not is_factored(params[i].shape)]
-    if factored:
-        kernel.factored_step_lowmem(
-            [params[i] for i in factored], [grads[i] for i in factored],
-            [states[i]["exp_avg"] for i in factored], [absmax(states[i]) for i in factored],
-            *([states[i][k] for i in factored] for k in _FACTORED_KEYS[1:]),
-            lr, *hyper, *low,
-        )
-    if full:
-        kernel.full_step_lowmem(
-            [params[i] for i in full], [grads[i] for i in full],
-            [states[i]["exp_avg"] for i in full], [absmax(states[i]) for i in full],
-            [states[i]["exp_avg_sq"] for i in full],
-            lr, *hyper, *low,
-        )
+    cpu = [i for i, param in enumerate(params) if param.device.type == "cpu"]
+    rest = [i for i, param in enumerate(params) if param.device.type != "cpu"]
+    if cpu:
+        cpu_params, cpu_states = [params[i] for i in cpu], [states[i] for i in cpu]
+        torch._foreach_add_([state["step"] for state in cpu_states], 1.0)
+        untouched = step_cpu_kernel(cpu_params, [grads[i] for i in cpu], cpu_states, args,
+                                    _layouts_from_states(cpu_params, cpu_states, args))
+        for i in untouched:
+            cpu_states[i]["step"] -= 1  # counted above; the caller steps it elsewhere
+        rest = sorted(rest + [cpu[i] for i in untouched])
     return rest
-
-
-def kernel_workspace_bytes(shape: tuple[int, ...] | torch.Size, threads: int | None = None,
-                           unit: int | None = None) -> int:
-    """An upper bound of the heap memory the CPU kernel allocates to step one tensor.
-
-    The kernel's scratch memory is plain C++ vectors (not tensors), which tensor-level memory
-    trackers do not see; memory benchmarks add this bound. ``unit`` is the low-memory
-    variant's storage unit (elements per int8 block, or 4096 for bf16/float32 momentum;
-    ``None`` for the float32 kernel). Factored ``(B, n, m)``: row and column sums in double
-    (``B n + (threads + 1) B m``), four float factor vectors (``2 (B n + B m)``), per-thread
-    row buffers (``2 m`` floats); every tensor: per-thread sums of squares and two buffers
-    of one storage unit per thread (momentum and new weights).
-    """
-    threads = torch.get_num_threads() if threads is None else threads
-    numel = 1
-    for d in shape:
-        numel *= int(d)
-    per_thread = 8 * 8 + 2 * 4 * min(unit or 0, numel)  # m and new-weight buffers
-    if len(shape) >= 2 and int(shape[-1]) > 0 and int(shape[-2]) > 0:
-        m, n = int(shape[-1]), int(shape[-2])
-        B = numel // (n * m)
-        doubles = B * n + (threads + 1) * B * m
-        floats = 2 * (B * n + B * m) + threads * 2 * m
-        return 8 * doubles + 4 * floats + threads * per_thread
-    return threads * per_thread
 
 
 # ----------------------------------------------------------------------------- torch.compile
