@@ -2,7 +2,8 @@
 // temporaries. Compiled just in time by torchcame._impl.cpu_kernel (one build per source,
 // flags and CPU vector capability, cached per user).
 //
-// Two kernel families, one template each, instantiated per (param dtype, momentum format):
+// Two kernel families, one template each, instantiated per param dtype and per momentum
+// storage: in place (the compute dtype) or decoded/encoded (bf16 or int8, chosen at run time):
 //
 // Factored tensors, shape (B, n, m) (the factored dims last, leading dims flattened), in four
 // passes over rows, parallel over rows with at::parallel_for:
@@ -74,14 +75,14 @@ inline acc_t momentum_instability_row(const param_t* __restrict g, acc_t* __rest
   return sum;
 }
 
-template <typename param_t, typename acc_t, MomentumFormat kFormat>
+template <typename param_t, typename acc_t, bool kInPlace>
 void factored_tensor_step(FactoredTensors& t, const Hyper& h, const TensorSettings& o) {
-  using Store = MomentumStore<acc_t, kFormat>;
+  using Store = MomentumStore<acc_t, kInPlace>;
   const int64_t m = t.param.size(-1), n = t.param.size(-2);
   const int64_t B = t.param.numel() / (n * m), rows = B * n, numel = rows * m;
   param_t* p = t.param.data_ptr<param_t>();
   const param_t* g = t.grad.data_ptr<param_t>();
-  const Store store(t.exp_avg, t.exp_avg_absmax, o.block_size);
+  const Store store(o.format, t.exp_avg, t.exp_avg_absmax, o.block_size);
   const acc_t sign = h.maximize ? acc_t(-1) : acc_t(1);
   const acc_t update_scale = acc_t(o.update_scale);
   const int64_t row_grain = std::max<int64_t>(1, kGrainElems / m);
@@ -135,7 +136,7 @@ void factored_tensor_step(FactoredTensors& t, const Hyper& h, const TensorSettin
     constexpr bool kClip = decltype(clip_flag)::value;
     row_col_sums<acc_t>(B, n, m, row_sum, col_sum, [=](int64_t k, acc_t* __restrict col_block) {
       acc_t* momentum_row;
-      if constexpr (Store::kInPlace) {
+      if constexpr (kInPlace) {
         momentum_row = store.values + k * m;
       } else {
         thread_local std::vector<float> decoded_row;
@@ -168,12 +169,12 @@ void factored_tensor_step(FactoredTensors& t, const Hyper& h, const TensorSettin
     constexpr bool kClip = decltype(clip_flag)::value;
     at::parallel_for(0, units, std::max<int64_t>(1, kGrainElems / unit), [&](int64_t first,
                                                                             int64_t last) {
-      std::vector<acc_t> momentum_buffer(Store::kInPlace ? 0 : buffer_size);
+      std::vector<acc_t> momentum_buffer(kInPlace ? 0 : buffer_size);
       std::vector<acc_t> weight_buffer(kStochastic ? buffer_size : 0);
       for (int64_t u = first; u < last; ++u) {
         const int64_t s = u * unit, e = std::min(numel, s + unit);
         acc_t* momentum_unit;
-        if constexpr (Store::kInPlace) {
+        if constexpr (kInPlace) {
           momentum_unit = store.values + s;
         } else {
           momentum_unit = momentum_buffer.data();
@@ -190,7 +191,7 @@ void factored_tensor_step(FactoredTensors& t, const Hyper& h, const TensorSettin
           const acc_t* __restrict cf_part = cf + col_offset;
           const acc_t* __restrict Cf_part = Cf + col_offset;
           const acc_t rf_k = rf[k], Rf_k = Rf[k];
-          if constexpr (!Store::kInPlace) {  // this step's m, as pass 3 computed it
+          if constexpr (!kInPlace) {  // this step's m, as pass 3 computed it
 #pragma omp simd
             for (int64_t j = 0; j < len; ++j) {
               const acc_t update = clipped_update<acc_t, kClip>(
@@ -214,14 +215,14 @@ void factored_tensor_step(FactoredTensors& t, const Hyper& h, const TensorSettin
         if constexpr (kStochastic) {
           store_stochastic<param_t>(p + s, weight_buffer.data(), e - s, o.seed, s);
         }
-        if constexpr (!Store::kInPlace) store.encode(s, e, momentum_unit);
+        if constexpr (!kInPlace) store.encode(s, e, momentum_unit);
       }
     });
   };
   with_flag(h.weight_decay != 0, [&](auto decay_flag) {
     with_stochastic_flag<param_t>(stochastic, [&](auto stochastic_flag) {
       // the clip flag only matters where m is recomputed
-      with_flag(clip && !Store::kInPlace, [&](auto clip_flag) {
+      with_flag(clip && !kInPlace, [&](auto clip_flag) {
         weight_pass(decay_flag, stochastic_flag, clip_flag);
       });
     });
@@ -234,14 +235,14 @@ struct VectorTensors {
   at::Tensor param, grad, exp_avg, exp_avg_absmax, exp_avg_sq;
 };
 
-template <typename param_t, typename acc_t, MomentumFormat kFormat>
+template <typename param_t, typename acc_t, bool kInPlace>
 void vector_tensor_step(VectorTensors& t, const Hyper& h, const TensorSettings& o) {
-  using Store = MomentumStore<acc_t, kFormat>;
+  using Store = MomentumStore<acc_t, kInPlace>;
   const int64_t numel = t.param.numel();
   param_t* p = t.param.data_ptr<param_t>();
   const param_t* g = t.grad.data_ptr<param_t>();
   acc_t* v = t.exp_avg_sq.data_ptr<acc_t>();
-  const Store store(t.exp_avg, t.exp_avg_absmax, o.block_size);
+  const Store store(o.format, t.exp_avg, t.exp_avg_absmax, o.block_size);
   const acc_t sign = h.maximize ? acc_t(-1) : acc_t(1);
   const acc_t update_scale = acc_t(o.update_scale);
 
@@ -274,12 +275,12 @@ void vector_tensor_step(VectorTensors& t, const Hyper& h, const TensorSettings& 
     constexpr bool kStochastic = decltype(stochastic_flag)::value;
     at::parallel_for(0, units, std::max<int64_t>(1, kGrainElems / unit), [&](int64_t first,
                                                                             int64_t last) {
-      std::vector<acc_t> momentum_buffer(Store::kInPlace ? 0 : buffer_size);
+      std::vector<acc_t> momentum_buffer(kInPlace ? 0 : buffer_size);
       std::vector<acc_t> weight_buffer(kStochastic ? buffer_size : 0);
       for (int64_t u = first; u < last; ++u) {
         const int64_t s = u * unit, e = std::min(numel, s + unit);
         acc_t* __restrict momentum_unit;
-        if constexpr (Store::kInPlace) {
+        if constexpr (kInPlace) {
           momentum_unit = store.values + s;
         } else {
           momentum_unit = momentum_buffer.data();
@@ -302,7 +303,7 @@ void vector_tensor_step(VectorTensors& t, const Hyper& h, const TensorSettings& 
           }
         }
         if constexpr (kStochastic) store_stochastic<param_t>(p + s, weights, e - s, o.seed, s);
-        if constexpr (!Store::kInPlace) store.encode(s, e, momentum_unit);
+        if constexpr (!kInPlace) store.encode(s, e, momentum_unit);
       }
     });
   };
@@ -319,32 +320,27 @@ template <typename T>
 struct TypeTag {
   using type = T;
 };
-template <MomentumFormat kFormat>
-using FormatTag = std::integral_constant<MomentumFormat, kFormat>;
 
-// step(TypeTag<param_t>, TypeTag<acc_t>, FormatTag<format>) for the tensor's param dtype and
-// its (given) momentum format. float64 params support the compute format only.
+// step(TypeTag<param_t>, TypeTag<acc_t>, std::bool_constant<in_place>) for the tensor's param
+// dtype and its (given) momentum format: in place for the compute format, decoded/encoded for
+// bf16 and int8. float64 params support the compute format only.
 template <typename Step>
 void dispatch(at::ScalarType param_dtype, MomentumFormat format, const Step& step) {
-  auto low_precision = [&](auto param_tag) {
-    switch (format) {
-      case MomentumFormat::kCompute:
-        return step(param_tag, TypeTag<float>{}, FormatTag<MomentumFormat::kCompute>{});
-      case MomentumFormat::kBFloat16:
-        return step(param_tag, TypeTag<float>{}, FormatTag<MomentumFormat::kBFloat16>{});
-      case MomentumFormat::kInt8:
-        return step(param_tag, TypeTag<float>{}, FormatTag<MomentumFormat::kInt8>{});
-    }
+  const bool in_place = format == MomentumFormat::kCompute;
+  auto float32_math = [&](auto param_tag) {
+    with_flag(in_place, [&](auto in_place_flag) {
+      step(param_tag, TypeTag<float>{}, in_place_flag);
+    });
   };
   switch (param_dtype) {
     case at::kDouble:
-      return step(TypeTag<double>{}, TypeTag<double>{}, FormatTag<MomentumFormat::kCompute>{});
+      return step(TypeTag<double>{}, TypeTag<double>{}, std::true_type{});
     case at::kFloat:
-      return low_precision(TypeTag<float>{});
+      return float32_math(TypeTag<float>{});
     case at::kBFloat16:
-      return low_precision(TypeTag<c10::BFloat16>{});
+      return float32_math(TypeTag<c10::BFloat16>{});
     default:
-      return low_precision(TypeTag<c10::Half>{});
+      return float32_math(TypeTag<c10::Half>{});
   }
 }
 
@@ -372,12 +368,6 @@ void for_each_tensor(const std::vector<at::Tensor>& params, const StepOne& step_
   for (int64_t i = 0; i < count; ++i) step_one((size_t)small[i]);
 }
 
-// The per-tensor settings of a call, checked before anything is written.
-struct CallLayout {
-  std::vector<MomentumFormat> formats;
-  std::vector<TensorSettings> options;
-};
-
 at::ScalarType compute_dtype(at::ScalarType param_dtype) {
   return param_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -392,8 +382,9 @@ void check_tensor(const at::Tensor& tensor, at::ScalarType dtype, int64_t numel,
               " has ", tensor.numel(), " elements, expected ", numel);
 }
 
-// Checks param, grad and momentum of every tensor against its layout; returns the layout.
-CallLayout check_call(const Hyper& h, const std::vector<at::Tensor>& params,
+// Checks param, grad and momentum of every tensor against its layout (before anything is
+// written); returns each tensor's settings.
+std::vector<TensorSettings> check_call(const Hyper& h, const std::vector<at::Tensor>& params,
                       const std::vector<at::Tensor>& grads,
                       const std::vector<at::Tensor>& exp_avgs,
                       const std::vector<at::Tensor>& exp_avg_absmaxes,
@@ -407,7 +398,7 @@ CallLayout check_call(const Hyper& h, const std::vector<at::Tensor>& params,
                   block_sizes.size() == count && update_scales.size() == count &&
                   step_scales.size() == count,
               "torchcame CPU kernel: one entry per tensor in every list");
-  CallLayout layout;
+  std::vector<TensorSettings> settings(count);
   for (size_t i = 0; i < count; ++i) {
     const at::ScalarType dtype = params[i].scalar_type();
     TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
@@ -433,17 +424,15 @@ CallLayout check_call(const Hyper& h, const std::vector<at::Tensor>& params,
       check_tensor(exp_avg_absmaxes[i], at::kFloat, (numel + block - 1) / block,
                    "exp_avg_absmax", i);
     }
-    TensorSettings options;
-    options.update_scale = update_scales[i];
-    options.step_scale = step_scales[i];
-    options.block_size = block;
-    options.stochastic_rounding =
+    settings[i].format = format;
+    settings[i].update_scale = update_scales[i];
+    settings[i].step_scale = step_scales[i];
+    settings[i].block_size = block;
+    settings[i].stochastic_rounding =
         h.stochastic_rounding && (dtype == at::kBFloat16 || dtype == at::kHalf);
-    options.seed = tensor_seed(h.seed, i);
-    layout.formats.push_back(format);
-    layout.options.push_back(options);
+    settings[i].seed = tensor_seed(h.seed, i);
   }
-  return layout;
+  return settings;
 }
 
 // --------------------------------------------------------------------------- entry points
@@ -457,8 +446,9 @@ void factored_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads
                    std::vector<int64_t> momentum_formats, std::vector<int64_t> block_sizes,
                    std::vector<double> update_scales, std::vector<double> step_scales,
                    const Hyper& h) {
-  const CallLayout layout = check_call(h, params, grads, exp_avgs, exp_avg_absmaxes,
-                                       momentum_formats, block_sizes, update_scales, step_scales);
+  const std::vector<TensorSettings> settings =
+      check_call(h, params, grads, exp_avgs, exp_avg_absmaxes, momentum_formats, block_sizes,
+                 update_scales, step_scales);
   TORCH_CHECK(rows.size() == params.size() && cols.size() == params.size() &&
                   res_rows.size() == params.size() && res_cols.size() == params.size(),
               "torchcame CPU kernel: one entry per tensor in every list");
@@ -476,13 +466,13 @@ void factored_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads
   for_each_tensor(params, [&](size_t i) {
     FactoredTensors tensors{params[i], grads[i], exp_avgs[i], exp_avg_absmaxes[i],
                             rows[i],   cols[i],  res_rows[i], res_cols[i]};
-    dispatch(params[i].scalar_type(), layout.formats[i], [&](auto param_tag, auto acc_tag,
-                                                             auto format_tag) {
-      using param_t = typename decltype(param_tag)::type;
-      using acc_t = typename decltype(acc_tag)::type;
-      factored_tensor_step<param_t, acc_t, decltype(format_tag)::value>(tensors, h,
-                                                                        layout.options[i]);
-    });
+    dispatch(params[i].scalar_type(), settings[i].format,
+             [&](auto param_tag, auto acc_tag, auto in_place_flag) {
+               using param_t = typename decltype(param_tag)::type;
+               using acc_t = typename decltype(acc_tag)::type;
+               constexpr bool kInPlace = decltype(in_place_flag)::value;
+               factored_tensor_step<param_t, acc_t, kInPlace>(tensors, h, settings[i]);
+             });
   });
 }
 
@@ -492,8 +482,9 @@ void vector_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
                  std::vector<at::Tensor> exp_avg_sqs, std::vector<int64_t> momentum_formats,
                  std::vector<int64_t> block_sizes, std::vector<double> update_scales,
                  std::vector<double> step_scales, const Hyper& h) {
-  const CallLayout layout = check_call(h, params, grads, exp_avgs, exp_avg_absmaxes,
-                                       momentum_formats, block_sizes, update_scales, step_scales);
+  const std::vector<TensorSettings> settings =
+      check_call(h, params, grads, exp_avgs, exp_avg_absmaxes, momentum_formats, block_sizes,
+                 update_scales, step_scales);
   TORCH_CHECK(exp_avg_sqs.size() == params.size(),
               "torchcame CPU kernel: one entry per tensor in every list");
   for (size_t i = 0; i < params.size(); ++i) {
@@ -503,13 +494,13 @@ void vector_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
   for_each_tensor(params, [&](size_t i) {
     if (params[i].numel() == 0) return;
     VectorTensors tensors{params[i], grads[i], exp_avgs[i], exp_avg_absmaxes[i], exp_avg_sqs[i]};
-    dispatch(params[i].scalar_type(), layout.formats[i], [&](auto param_tag, auto acc_tag,
-                                                             auto format_tag) {
-      using param_t = typename decltype(param_tag)::type;
-      using acc_t = typename decltype(acc_tag)::type;
-      vector_tensor_step<param_t, acc_t, decltype(format_tag)::value>(tensors, h,
-                                                                      layout.options[i]);
-    });
+    dispatch(params[i].scalar_type(), settings[i].format,
+             [&](auto param_tag, auto acc_tag, auto in_place_flag) {
+               using param_t = typename decltype(param_tag)::type;
+               using acc_t = typename decltype(acc_tag)::type;
+               constexpr bool kInPlace = decltype(in_place_flag)::value;
+               vector_tensor_step<param_t, acc_t, kInPlace>(tensors, h, settings[i]);
+             });
   });
 }
 

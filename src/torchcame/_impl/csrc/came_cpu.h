@@ -30,6 +30,13 @@ constexpr int64_t kStorageUnit = 4096;  // elements per pass-4 unit (float32/bf1
 
 // ---------------------------------------------------------------------------- hyperparameters
 
+// How m is stored between steps (torchcame.state.StateLayout.momentum).
+enum class MomentumFormat : int64_t {
+  kCompute = 0,   // the compute dtype: float32 (double for double params), updated in place
+  kBFloat16 = 1,  // bf16, rounded to nearest
+  kInt8 = 2,      // block-wise absmax int8: codes plus one float32 absmax per block
+};
+
 // One param group's hyperparameters (Python: torchcame._impl.cpu_kernel builds it).
 struct Hyper {
   double lr = 0, weight_decay = 0, beta1 = 0, beta2 = 0, beta3 = 0, eps1 = 0, eps2 = 0;
@@ -42,6 +49,7 @@ struct Hyper {
 
 // What differs between the tensors of one call.
 struct TensorSettings {
+  MomentumFormat format = MomentumFormat::kCompute;  // how m is stored
   double update_scale = 1;  // bias correction of u: sqrt(1 - beta2^t)
   double step_scale = 1;    // bias correction of the step: 1 / (1 - beta1^t) [* sqrt(1 - beta3^t)]
   int64_t block_size = 256;  // int8 momentum: elements per block
@@ -201,31 +209,27 @@ inline acc_t new_weight(param_t weight, acc_t delta, acc_t decay, acc_t lr) {
 
 // ----------------------------------------------------------------------- momentum storage
 
-// How m is stored between steps (torchcame.state.StateLayout.momentum).
-enum class MomentumFormat : int64_t {
-  kCompute = 0,   // the compute dtype: float32 (double for double params), updated in place
-  kBFloat16 = 1,  // bf16, rounded to nearest
-  kInt8 = 2,      // block-wise absmax int8: codes plus one float32 absmax per block
-};
-
-// Access to one tensor's stored momentum. The compute format is updated in place; the low-bit
-// ones are decoded into and encoded from a float32 buffer, a storage unit at a time (an int8
-// block, or kStorageUnit elements of bf16).
-template <typename acc_t, MomentumFormat kFormat>
+// Access to one tensor's stored momentum. In the compute format (kInPlace) m is updated where
+// it is stored. bf16 and int8 momentum (kInPlace false; which of the two is a runtime field,
+// consulted once per row or unit) are decoded into and encoded from a float32 buffer, a
+// storage unit at a time: an int8 block, or kStorageUnit elements of bf16.
+template <typename acc_t, bool kInPlace>
 struct MomentumStore {
-  static constexpr bool kInPlace = kFormat == MomentumFormat::kCompute;
   static_assert(kInPlace || std::is_same_v<acc_t, float>, "low-bit momentum is float32 math");
 
+  MomentumFormat format;
   acc_t* values = nullptr;          // kCompute
   c10::BFloat16* bf16 = nullptr;    // kBFloat16
   int8_t* codes = nullptr;          // kInt8
   float* absmax = nullptr;          // kInt8, one per block
   int64_t block_size = 0;           // kInt8
 
-  MomentumStore(at::Tensor& exp_avg, at::Tensor& exp_avg_absmax, int64_t block) {
-    if constexpr (kFormat == MomentumFormat::kCompute) {
+  MomentumStore(MomentumFormat momentum_format, at::Tensor& exp_avg, at::Tensor& exp_avg_absmax,
+                int64_t block)
+      : format(momentum_format) {
+    if constexpr (kInPlace) {
       values = exp_avg.data_ptr<acc_t>();
-    } else if constexpr (kFormat == MomentumFormat::kBFloat16) {
+    } else if (format == MomentumFormat::kBFloat16) {
       bf16 = exp_avg.data_ptr<c10::BFloat16>();
     } else {
       codes = exp_avg.data_ptr<int8_t>();
@@ -235,52 +239,52 @@ struct MomentumStore {
   }
 
   // Elements per pass-4 unit; int8 units are whole blocks (so each is encoded at once).
-  int64_t unit() const { return kFormat == MomentumFormat::kInt8 ? block_size : kStorageUnit; }
+  int64_t unit() const { return format == MomentumFormat::kInt8 ? block_size : kStorageUnit; }
 
   // out[0 .. e-s) = m[s .. e) in float32 (int8: code * (absmax / 127), as torch does).
   void decode(int64_t s, int64_t e, float* __restrict out) const {
-    if constexpr (kFormat == MomentumFormat::kBFloat16) {
+    if (format == MomentumFormat::kBFloat16) {
       for (int64_t i = s; i < e; ++i) out[i - s] = float(bf16[i]);
-    } else if constexpr (kFormat == MomentumFormat::kInt8) {
-      int64_t i = s;
-      while (i < e) {
-        const int64_t block = i / block_size;
-        const int64_t stop = std::min(e, (block + 1) * block_size);
-        const float scale = absmax[block] / 127.0f;
-        const int8_t* __restrict q = codes;
+      return;
+    }
+    int64_t i = s;
+    while (i < e) {
+      const int64_t block = i / block_size;
+      const int64_t stop = std::min(e, (block + 1) * block_size);
+      const float scale = absmax[block] / 127.0f;
+      const int8_t* __restrict q = codes;
 #pragma omp simd
-        for (int64_t t = i; t < stop; ++t) out[t - s] = float(q[t]) * scale;
-        i = stop;
-      }
+      for (int64_t t = i; t < stop; ++t) out[t - s] = float(q[t]) * scale;
+      i = stop;
     }
   }
 
   // m[s .. e) = in[0 .. e-s); for int8, [s, e) is whole blocks (the last one may be short):
   // absmax per block, codes = clamp(round_half_even(x * (127 / absmax)), -127, 127).
   void encode(int64_t s, int64_t e, const float* __restrict in) const {
-    if constexpr (kFormat == MomentumFormat::kBFloat16) {
+    if (format == MomentumFormat::kBFloat16) {
       for (int64_t i = s; i < e; ++i) bf16[i] = c10::BFloat16(in[i - s]);
-    } else if constexpr (kFormat == MomentumFormat::kInt8) {
-      for (int64_t first = s; first < e; first += block_size) {
-        const int64_t last = std::min(e, first + block_size);
-        float block_absmax = 0.0f;
-        for (int64_t t = first; t < last; ++t) {
-          block_absmax = std::max(block_absmax, std::fabs(in[t - s]));
-        }
-        // as torch evaluates `127.0 / absmax` (Tensor.__rtruediv__: reciprocal, then multiply)
-        const float inverse = block_absmax > 0.0f ? (1.0f / block_absmax) * 127.0f : 0.0f;
-        // round half to even as torch.round does: |x * inverse| <= 127 (up to rounding) <
-        // 2^22, where adding and subtracting 1.5 * 2^23 rounds to an integer in the FP
-        // rounding mode (nearest even); unlike std::nearbyint, this vectorizes
-        constexpr float kMagic = 12582912.0f;
-        int8_t* __restrict q = codes;
-#pragma omp simd
-        for (int64_t t = first; t < last; ++t) {
-          const float rounded = (in[t - s] * inverse + kMagic) - kMagic;
-          q[t] = int8_t(int32_t(std::min(127.0f, std::max(-127.0f, rounded))));
-        }
-        absmax[first / block_size] = block_absmax;
+      return;
+    }
+    for (int64_t first = s; first < e; first += block_size) {
+      const int64_t last = std::min(e, first + block_size);
+      float block_absmax = 0.0f;
+      for (int64_t t = first; t < last; ++t) {
+        block_absmax = std::max(block_absmax, std::fabs(in[t - s]));
       }
+      // as torch evaluates `127.0 / absmax` (Tensor.__rtruediv__: reciprocal, then multiply)
+      const float inverse = block_absmax > 0.0f ? (1.0f / block_absmax) * 127.0f : 0.0f;
+      // round half to even as torch.round does: |x * inverse| <= 127 (up to rounding) < 2^22,
+      // where adding and subtracting 1.5 * 2^23 rounds to an integer in the FP rounding mode
+      // (nearest even); unlike std::nearbyint, this vectorizes
+      constexpr float kMagic = 12582912.0f;
+      int8_t* __restrict q = codes;
+#pragma omp simd
+      for (int64_t t = first; t < last; ++t) {
+        const float rounded = (in[t - s] * inverse + kMagic) - kMagic;
+        q[t] = int8_t(int32_t(std::min(127.0f, std::max(-127.0f, rounded))));
+      }
+      absmax[first / block_size] = block_absmax;
     }
   }
 };
