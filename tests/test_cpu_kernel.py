@@ -163,6 +163,24 @@ def test_kernel_returns_what_it_cannot_take_untouched():
         assert not torch.equal(params[i], before[i])
 
 
+@needs_kernel
+def test_non_contiguous_gradients_are_stepped_as_their_contiguous_copies():
+    args = _args(weight_decay=0.1, factor_dims="largest")
+    params, states, layouts = _setup([(6, 5), (4, 3, 1, 1), (2, 3, 4)], torch.float32,
+                                     factor_dims="largest")
+    copies = [p.clone() for p in params]
+    copy_states = [{k: v.clone() for k, v in s.items()} for s in states]
+    grads = [g.transpose(0, -1).contiguous().transpose(0, -1) for g in _grads(params, 0)]
+    assert not any(g.is_contiguous() for g in grads)
+    assert _kernel_step(params, grads, states, args, layouts) == []
+    assert _kernel_step(copies, [g.contiguous() for g in grads], copy_states, args,
+                        layouts) == []
+    for p, q, state, ref in zip(params, copies, states, copy_states, strict=True):
+        assert torch.equal(p, q)
+        for key, value in ref.items():
+            assert torch.equal(state[key], value), key
+
+
 _NO_TOOLCHAIN = textwrap.dedent("""
     import sys, warnings
     import torch

@@ -232,10 +232,11 @@ def _kernel_tensors(param: Tensor, grad: Tensor, state: dict, layout: StateLayou
                                              "exp_avg_res_row", "exp_avg_res_col")]
     else:
         statistics = [state["exp_avg_sq"]]
-    tensors = (param, grad, exp_avg, *statistics)
-    if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
-        return None
-    return tensors
+    if not all(t.device.type == "cpu" and t.is_contiguous() for t in (param, exp_avg,
+                                                                       *statistics)):
+        return None  # written in place: the kernel needs them contiguous
+    # a non-contiguous gradient (channels_last, transposed) is read from a contiguous copy
+    return (param, grad.contiguous(), exp_avg, *statistics)
 
 
 def _bias_correction(args: StepArgs, state: dict, factored: bool) -> tuple[float, float]:
@@ -284,9 +285,10 @@ def step_cpu_kernel(
     Returns:
         The indices of the tensors not touched (their state unchanged), for the caller to
         step on another path: tensors not on the CPU, of a dtype the kernel lacks (or float64
-        with low-bit momentum), with a gradient of another dtype than the parameter,
-        non-contiguous, with factored dims it cannot view as last; all of them when the kernel
-        cannot be built (see :func:`load_kernel`). Zero-size tensors count as stepped.
+        with low-bit momentum), with a gradient of another dtype than the parameter, whose
+        parameter or state is non-contiguous (a non-contiguous gradient is copied), with
+        factored dims it cannot view as last; all of them when the kernel cannot be built
+        (see :func:`load_kernel`). Zero-size tensors count as stepped.
     """
     kernel = load_kernel()
     if kernel is None:
