@@ -221,10 +221,13 @@ void factored_tensor_step(FactoredTensors& t, const Hyper& h, const TensorSettin
   };
   with_flag(h.weight_decay != 0, [&](auto decay_flag) {
     with_stochastic_flag<param_t>(stochastic, [&](auto stochastic_flag) {
-      // the clip flag only matters where m is recomputed
-      with_flag(clip && !kInPlace, [&](auto clip_flag) {
-        weight_pass(decay_flag, stochastic_flag, clip_flag);
-      });
+      if constexpr (kInPlace) {  // the clip flag only matters where m is recomputed
+        weight_pass(decay_flag, stochastic_flag, std::false_type{});
+      } else {
+        with_flag(clip, [&](auto clip_flag) {
+          weight_pass(decay_flag, stochastic_flag, clip_flag);
+        });
+      }
     });
   });
 }
