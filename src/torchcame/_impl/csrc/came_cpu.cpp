@@ -158,69 +158,49 @@ void factored_tensor_step(FactoredTensors& t, const Hyper& h, const TensorSettin
 
   // pass 4, a storage unit at a time: m (decoded and recomputed when low-bit), the weight,
   // m encoded back
-  const acc_t lr = acc_t(h.lr), step_scale = acc_t(o.step_scale);
-  const bool stochastic = o.stochastic_rounding;
-  const acc_t decay = stochastic ? decay_factor<acc_t, acc_t>(h) : decay_factor<param_t, acc_t>(h);
-  const int64_t unit = store.unit(), units = (numel + unit - 1) / unit;
-  const int64_t buffer_size = std::min(unit, numel);
+  const WeightRule<acc_t> rule = weight_rule<param_t, acc_t>(h, o);
   auto weight_pass = [&](auto decay_flag, auto stochastic_flag, auto clip_flag) {
     constexpr bool kDecay = decltype(decay_flag)::value;
     constexpr bool kStochastic = decltype(stochastic_flag)::value;
     constexpr bool kClip = decltype(clip_flag)::value;
-    at::parallel_for(0, units, std::max<int64_t>(1, kGrainElems / unit), [&](int64_t first,
-                                                                            int64_t last) {
-      std::vector<acc_t> momentum_buffer(kInPlace ? 0 : buffer_size);
-      std::vector<acc_t> weight_buffer(kStochastic ? buffer_size : 0);
-      for (int64_t u = first; u < last; ++u) {
-        const int64_t s = u * unit, e = std::min(numel, s + unit);
-        acc_t* momentum_unit;
-        if constexpr (kInPlace) {
-          momentum_unit = store.values + s;
-        } else {
-          momentum_unit = momentum_buffer.data();
-          store.decode(s, e, momentum_unit);
-        }
-        int64_t i = s;
-        while (i < e) {  // the part of row k inside this unit
-          const int64_t k = i / m, col_offset = (k / n) * m + (i - k * m);
-          const int64_t len = std::min(e, (k + 1) * m) - i;
-          const param_t* __restrict g_part = g + i;
-          param_t* __restrict p_part = p + i;
-          acc_t* __restrict m_part = momentum_unit + (i - s);
-          acc_t* __restrict w_part = kStochastic ? weight_buffer.data() + (i - s) : nullptr;
-          const acc_t* __restrict cf_part = cf + col_offset;
-          const acc_t* __restrict Cf_part = Cf + col_offset;
-          const acc_t rf_k = rf[k], Rf_k = Rf[k];
-          if constexpr (!kInPlace) {  // this step's m, as pass 3 computed it
+    for_each_storage_unit<param_t, acc_t, kInPlace, kStochastic>(
+        store, p, numel, o.seed, [&](int64_t s, int64_t e, acc_t* momentum, acc_t* weights) {
+          int64_t i = s;
+          while (i < e) {  // the part of row k inside this unit
+            const int64_t k = i / m, col_offset = (k / n) * m + (i - k * m);
+            const int64_t len = std::min(e, (k + 1) * m) - i;
+            const param_t* __restrict g_part = g + i;
+            param_t* __restrict p_part = p + i;
+            acc_t* __restrict m_part = momentum + (i - s);
+            acc_t* __restrict w_part = kStochastic ? weights + (i - s) : nullptr;
+            const acc_t* __restrict cf_part = cf + col_offset;
+            const acc_t* __restrict Cf_part = Cf + col_offset;
+            const acc_t rf_k = rf[k], Rf_k = Rf[k];
+            if constexpr (!kInPlace) {  // this step's m, as pass 3 computed it
+#pragma omp simd
+              for (int64_t j = 0; j < len; ++j) {
+                const acc_t update = clipped_update<acc_t, kClip>(
+                    rf_k * cf_part[j], sign * acc_t(g_part[j]), update_scale, divisor);
+                m_part[j] = m_part[j] * beta1 + one_minus_beta1 * update;
+              }
+            }
 #pragma omp simd
             for (int64_t j = 0; j < len; ++j) {
-              const acc_t update = clipped_update<acc_t, kClip>(
-                  rf_k * cf_part[j], sign * acc_t(g_part[j]), update_scale, divisor);
-              m_part[j] = m_part[j] * beta1 + one_minus_beta1 * update;
+              const acc_t delta = (Rf_k * Cf_part[j]) * m_part[j];
+              const acc_t weight = new_weight<param_t, acc_t, kDecay, kStochastic>(
+                  p_part[j], delta, rule);
+              if constexpr (kStochastic) {
+                w_part[j] = weight;
+              } else {
+                p_part[j] = param_t(weight);
+              }
             }
+            i += len;
           }
-#pragma omp simd
-          for (int64_t j = 0; j < len; ++j) {
-            const acc_t delta = ((Rf_k * Cf_part[j]) * m_part[j]) * step_scale;
-            const acc_t weight = new_weight<param_t, acc_t, kDecay, kStochastic>(
-                p_part[j], delta, decay, lr);
-            if constexpr (kStochastic) {
-              w_part[j] = weight;
-            } else {
-              p_part[j] = param_t(weight);
-            }
-          }
-          i += len;
-        }
-        if constexpr (kStochastic) {
-          store_stochastic<param_t>(p + s, weight_buffer.data(), e - s, o.seed, s);
-        }
-        if constexpr (!kInPlace) store.encode(s, e, momentum_unit);
-      }
-    });
+        });
   };
   with_flag(h.weight_decay != 0, [&](auto decay_flag) {
-    with_stochastic_flag<param_t>(stochastic, [&](auto stochastic_flag) {
+    with_stochastic_flag<param_t>(o.stochastic_rounding, [&](auto stochastic_flag) {
       if constexpr (kInPlace) {  // the clip flag only matters where m is recomputed
         weight_pass(decay_flag, stochastic_flag, std::false_type{});
       } else {
@@ -268,50 +248,32 @@ void vector_tensor_step(VectorTensors& t, const Hyper& h, const TensorSettings& 
 
   // pass 2, a storage unit at a time: u_hat, m, the weight
   const acc_t beta1 = acc_t(h.beta1), one_minus_beta1 = acc_t(1.0 - h.beta1);
-  const acc_t lr = acc_t(h.lr), step_scale = acc_t(o.step_scale);
-  const bool stochastic = o.stochastic_rounding;
-  const acc_t decay = stochastic ? decay_factor<acc_t, acc_t>(h) : decay_factor<param_t, acc_t>(h);
-  const int64_t unit = store.unit(), units = (numel + unit - 1) / unit;
-  const int64_t buffer_size = std::min(unit, numel);
+  const WeightRule<acc_t> rule = weight_rule<param_t, acc_t>(h, o);
   auto update_pass = [&](auto decay_flag, auto stochastic_flag) {
     constexpr bool kDecay = decltype(decay_flag)::value;
     constexpr bool kStochastic = decltype(stochastic_flag)::value;
-    at::parallel_for(0, units, std::max<int64_t>(1, kGrainElems / unit), [&](int64_t first,
-                                                                            int64_t last) {
-      std::vector<acc_t> momentum_buffer(kInPlace ? 0 : buffer_size);
-      std::vector<acc_t> weight_buffer(kStochastic ? buffer_size : 0);
-      for (int64_t u = first; u < last; ++u) {
-        const int64_t s = u * unit, e = std::min(numel, s + unit);
-        acc_t* __restrict momentum_unit;
-        if constexpr (kInPlace) {
-          momentum_unit = store.values + s;
-        } else {
-          momentum_unit = momentum_buffer.data();
-          store.decode(s, e, momentum_unit);
-        }
-        acc_t* __restrict weights = weight_buffer.data();
+    for_each_storage_unit<param_t, acc_t, kInPlace, kStochastic>(
+        store, p, numel, o.seed,
+        [&](int64_t s, int64_t e, acc_t* __restrict momentum, acc_t* __restrict weights) {
 #pragma omp simd
-        for (int64_t i = s; i < e; ++i) {
-          // always divided by the clip divisor (1 when not clipping: exact)
-          const acc_t update = clipped_update<acc_t, true>(
-              acc_t(1) / std::sqrt(v[i]), sign * acc_t(g[i]), update_scale, divisor);
-          const acc_t new_momentum = momentum_unit[i - s] * beta1 + one_minus_beta1 * update;
-          momentum_unit[i - s] = new_momentum;
-          const acc_t weight = new_weight<param_t, acc_t, kDecay, kStochastic>(
-              p[i], new_momentum * step_scale, decay, lr);
-          if constexpr (kStochastic) {
-            weights[i - s] = weight;
-          } else {
-            p[i] = param_t(weight);
+          for (int64_t i = s; i < e; ++i) {
+            // always divided by the clip divisor (1 when not clipping: exact)
+            const acc_t update = clipped_update<acc_t, true>(
+                acc_t(1) / std::sqrt(v[i]), sign * acc_t(g[i]), update_scale, divisor);
+            const acc_t new_momentum = momentum[i - s] * beta1 + one_minus_beta1 * update;
+            momentum[i - s] = new_momentum;
+            const acc_t weight = new_weight<param_t, acc_t, kDecay, kStochastic>(
+                p[i], new_momentum, rule);
+            if constexpr (kStochastic) {
+              weights[i - s] = weight;
+            } else {
+              p[i] = param_t(weight);
+            }
           }
-        }
-        if constexpr (kStochastic) store_stochastic<param_t>(p + s, weights, e - s, o.seed, s);
-        if constexpr (!kInPlace) store.encode(s, e, momentum_unit);
-      }
-    });
+        });
   };
   with_flag(h.weight_decay != 0, [&](auto decay_flag) {
-    with_stochastic_flag<param_t>(stochastic, [&](auto stochastic_flag) {
+    with_stochastic_flag<param_t>(o.stochastic_rounding, [&](auto stochastic_flag) {
       update_pass(decay_flag, stochastic_flag);
     });
   });

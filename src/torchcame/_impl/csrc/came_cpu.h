@@ -196,17 +196,6 @@ inline acc_t clipped_update(acc_t rsqrt_second_moment, acc_t signed_grad, acc_t 
   return kClip ? update / divisor : update;
 }
 
-// The new weight before rounding: decoupled weight decay (rounded to param_t first unless
-// the weight stays in the compute dtype for stochastic rounding), then p - lr * delta.
-template <typename param_t, typename acc_t, bool kDecay, bool kStochastic>
-inline acc_t new_weight(param_t weight, acc_t delta, acc_t decay, acc_t lr) {
-  acc_t value = acc_t(weight);
-  if constexpr (kDecay) {
-    value = kStochastic ? value + decay * value : acc_t(param_t(value + decay * value));
-  }
-  return value - delta * lr;
-}
-
 // ----------------------------------------------------------------------- momentum storage
 
 // Access to one tensor's stored momentum. In the compute format (kInPlace) m is updated where
@@ -370,6 +359,67 @@ inline void store_stochastic(param_t* __restrict p, const float* __restrict valu
       p[t] = stochastic_round<param_t>(values[t], random_bits(seed, base + t));
     }
   }
+}
+
+// ------------------------------------------------------------------------ the weight pass
+
+// The constants of the weight update p -= lr * (delta * step_scale), after decoupled decay.
+template <typename acc_t>
+struct WeightRule {
+  acc_t lr, step_scale, decay;
+};
+
+template <typename param_t, typename acc_t>
+WeightRule<acc_t> weight_rule(const Hyper& h, const TensorSettings& o) {
+  // with stochastic rounding the decayed weight stays in the compute dtype (not rounded)
+  const acc_t decay = o.stochastic_rounding ? decay_factor<acc_t, acc_t>(h)
+                                            : decay_factor<param_t, acc_t>(h);
+  return {acc_t(h.lr), acc_t(o.step_scale), decay};
+}
+
+// The new weight before rounding: decoupled weight decay (rounded to param_t first unless
+// the weight stays in the compute dtype for stochastic rounding), then
+// p - lr * (delta * step_scale).
+template <typename param_t, typename acc_t, bool kDecay, bool kStochastic>
+inline acc_t new_weight(param_t weight, acc_t delta, const WeightRule<acc_t>& rule) {
+  acc_t value = acc_t(weight);
+  if constexpr (kDecay) {
+    value = kStochastic ? value + rule.decay * value
+                        : acc_t(param_t(value + rule.decay * value));
+  }
+  return value - (delta * rule.step_scale) * rule.lr;
+}
+
+// The last pass of both kernel families: a tensor's elements a storage unit at a time, units
+// in parallel. unit_body(s, e, momentum, weights) updates elements [s, e): momentum[0 .. e-s)
+// is their m (the stored values when in place, else a decoded copy), and weights a buffer for
+// the new weights when they are rounded stochastically (kStochastic), which happens after the
+// body, as does encoding a low-bit m back.
+template <typename param_t, typename acc_t, bool kInPlace, bool kStochastic, typename UnitBody>
+void for_each_storage_unit(const MomentumStore<acc_t, kInPlace>& store, param_t* p,
+                           int64_t numel, uint32_t seed, const UnitBody& unit_body) {
+  const int64_t unit = store.unit(), units = (numel + unit - 1) / unit;
+  const int64_t buffer_size = std::min(unit, numel);
+  at::parallel_for(0, units, std::max<int64_t>(1, kGrainElems / unit), [&](int64_t first,
+                                                                          int64_t last) {
+    std::vector<acc_t> momentum_buffer(kInPlace ? 0 : buffer_size);
+    std::vector<acc_t> weight_buffer(kStochastic ? buffer_size : 0);
+    for (int64_t u = first; u < last; ++u) {
+      const int64_t s = u * unit, e = std::min(numel, s + unit);
+      acc_t* momentum_unit;
+      if constexpr (kInPlace) {
+        momentum_unit = store.values + s;
+      } else {
+        momentum_unit = momentum_buffer.data();
+        store.decode(s, e, momentum_unit);
+      }
+      unit_body(s, e, momentum_unit, weight_buffer.data());
+      if constexpr (kStochastic) {
+        store_stochastic<param_t>(p + s, weight_buffer.data(), e - s, seed, s);
+      }
+      if constexpr (!kInPlace) store.encode(s, e, momentum_unit);
+    }
+  });
 }
 
 }  // namespace torchcame
