@@ -102,10 +102,8 @@ void factored_tensor_step(FactoredTensors& t, const Hyper& h, const TensorSettin
     }
     return sum;
   });
-  ema_of_means<acc_t>(t.row.data_ptr<acc_t>(), row_sum, double(m), h.beta2);
-  ema_of_means<acc_t>(t.col.data_ptr<acc_t>(), col_sum, double(n), h.beta2);
   Factors<acc_t> second_moment;
-  second_moment.compute(t.row.data_ptr<acc_t>(), t.col.data_ptr<acc_t>(), B, n, m);
+  second_moment.update(t.row, t.col, row_sum, col_sum, h.beta2, B, n, m);
   const acc_t* rf = second_moment.row.data();
   const acc_t* cf = second_moment.col.data();
 
@@ -149,10 +147,8 @@ void factored_tensor_step(FactoredTensors& t, const Hyper& h, const TensorSettin
           divisor, beta1, one_minus_beta1, eps2);
     });
   });
-  ema_of_means<acc_t>(t.res_row.data_ptr<acc_t>(), row_sum, double(m), h.beta3);
-  ema_of_means<acc_t>(t.res_col.data_ptr<acc_t>(), col_sum, double(n), h.beta3);
   Factors<acc_t> confidence;
-  confidence.compute(t.res_row.data_ptr<acc_t>(), t.res_col.data_ptr<acc_t>(), B, n, m);
+  confidence.update(t.res_row, t.res_col, row_sum, col_sum, h.beta3, B, n, m);
   const acc_t* Rf = confidence.row.data();
   const acc_t* Cf = confidence.col.data();
 

@@ -163,6 +163,17 @@ template <typename acc_t>
 struct Factors {
   std::vector<acc_t> row, col;
 
+  // Updates a factored statistic (row_tensor, col_tensor) with the EMA of this pass's row and
+  // column means (sums over m and n elements), then computes its factors.
+  void update(at::Tensor& row_tensor, at::Tensor& col_tensor, const std::vector<double>& row_sum,
+              const std::vector<double>& col_sum, double beta, int64_t B, int64_t n, int64_t m) {
+    acc_t* row_stat = row_tensor.data_ptr<acc_t>();
+    acc_t* col_stat = col_tensor.data_ptr<acc_t>();
+    ema_of_means<acc_t>(row_stat, row_sum, double(m), beta);
+    ema_of_means<acc_t>(col_stat, col_sum, double(n), beta);
+    compute(row_stat, col_stat, B, n, m);
+  }
+
   void compute(const acc_t* row_stat, const acc_t* col_stat, int64_t B, int64_t n, int64_t m) {
     row.resize((size_t)B * n);
     col.resize((size_t)B * m);
