@@ -59,7 +59,7 @@ import json, sys
 import torch
 from torchcame._factored import factored_dims
 from torchcame._impl import triton_kernels as tk
-from torchcame._impl.common import StepArgs
+from torchcame.options import StepArgs
 from torchcame.bench.shapes import param_shapes
 from torchcame.functional import init_state
 from torchcame.state import StateLayout

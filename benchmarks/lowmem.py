@@ -9,7 +9,7 @@ Parts (``--parts``, default all):
   with bf16 weights + 8-bit momentum + stochastic rounding + step-in-backward (and the steps
   in between), beside a floor no optimizer can beat (bf16 weights, gradients freed as they
   arrive, no update). The fused kernel's C++ scratch memory (not tensors) is added as its
-  bound, ``torchcame._impl.fused.kernel_workspace_bytes``.
+  bound, ``torchcame._impl.cpu_kernel.kernel_workspace_bytes``.
 * ``peak-wide``: the same at batch 1 on a model whose weights, gradients and state dominate
   (the demo's GPT-2 widened to 4 layers of d=512, 12.7M parameters).
 * ``error``: block-wise int8 error of the momentum of a float32 CAME run of the demo model,
@@ -157,7 +157,7 @@ def _kernel_workspace(opt, cfg: dict) -> int:
     of the ``threads`` largest (small tensors are stepped concurrently)."""
     if not cfg.get("fused"):
         return 0
-    from torchcame._impl.fused import kernel_workspace_bytes  # the kernel's scratch bound
+    from torchcame._impl.cpu_kernel import kernel_workspace_bytes
 
     block = opt.param_groups[0]["quantization_block_size"]
     sizes = sorted((kernel_workspace_bytes(

@@ -13,7 +13,7 @@ from cases import CASE_BY_NAME, SHAPES, STEPS, param_tol
 from driver import assert_same_run, run_case
 
 import torchcame
-from torchcame._impl import fused_kernel
+from torchcame._impl import cpu_kernel
 from torchcame.functional import came, init_state, resolve_impl
 from torchcame.options import StepArgs
 from torchcame.state import layout_of
@@ -45,8 +45,8 @@ def test_fused_row_chunks_match_reference(case, dtype):
 
 
 def test_fused_without_kernel_falls_back_to_foreach(monkeypatch):
-    monkeypatch.setattr(fused_kernel, "_module", None)
-    monkeypatch.setattr(fused_kernel, "_failure", "no compiler (test)")
+    monkeypatch.setattr(cpu_kernel, "_module", None)
+    monkeypatch.setattr(cpu_kernel, "_failure", "no compiler (test)")
     # without the kernel the fused path runs the foreach path: bit-identical to the reference
     case = CASE_BY_NAME["weight_decay"]
     assert_same_run(*run_case(case, torch.float32, "fused"),
@@ -70,7 +70,7 @@ def test_fused_float32_grads_of_bf16_params_are_not_rounded():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not fused_kernel.kernel_buildable(),
+@pytest.mark.skipif(not cpu_kernel.kernel_buildable(),
                     reason="no C++ compiler for the fused CPU kernel")
 def test_fused_step_allocates_no_full_size_temporaries():
     from torchcame.memory import measure_step_memory

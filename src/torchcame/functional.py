@@ -159,8 +159,9 @@ def _triton_wanted(params: list[Tensor]) -> bool:
 def _step_fused(params: list[Tensor], grads: list[Tensor], states: list[dict], args: StepArgs,
                 layouts: list[StateLayout]) -> None:
     """The fused implementations: Triton kernels on CUDA (when triton imports), the C++
-    kernel on CPU, ``torch.compile`` on CUDA without triton; a one-time warning for what a
-    kernel cannot run."""
+    kernel on CPU, ``torch.compile`` on CUDA without triton (:mod:`._impl.fused`); what a
+    backend cannot run goes to the multi-tensor path, with a one-time warning naming the
+    option."""
     from ._impl import fused
 
     if _triton_wanted(params):
@@ -177,23 +178,6 @@ def _step_fused(params: list[Tensor], grads: list[Tensor], states: list[dict], a
         if any(p.device.type == "cuda" for p in params):
             warn_once("torchcame: fused=True on CUDA without Triton "
                       f"({triton_kernels.unavailable_reason()}); the torch.compile path runs")
-    unsupported = [i for i, (p, layout) in enumerate(zip(params, layouts))
-                   if layout.moved(p.dim())]
-    if unsupported:
-        warn_once("torchcame: fused=True does not implement factor_dims='largest' on tensors "
-                  "whose factored dims are not the last two; those tensors run on the "
-                  "multi-tensor (foreach) path")
-    if args.bias_correction:
-        warn_once("torchcame: fused=True does not implement bias_correction yet; it runs on "
-                  "the multi-tensor (foreach) path")
-        unsupported = list(range(len(params)))
-    if unsupported:
-        step_multi_tensor(*_subset(unsupported, params, grads, states), args,
-                          [layouts[i] for i in unsupported])
-        keep = sorted(set(range(len(params))) - set(unsupported))
-        params, grads, states, layouts = _subset(keep, params, grads, states, layouts)
-        if not params:
-            return
     if args.stochastic_rounding or any(layout.low_bit for layout in layouts):
         # the CPU kernel decodes/encodes in place (no float32 copies); the rest on copies
         rest = fused.step_fused_lowmem(params, grads, states, args, layouts)
@@ -202,9 +186,3 @@ def _step_fused(params: list[Tensor], grads: list[Tensor], states: list[dict], a
                                  [layouts[i] for i in rest])
         return
     fused.step_fused(params, grads, states, args, layouts)
-
-
-def fused_backend() -> str | None:
-    """The fused backend forced by :data:`FUSED_BACKEND_ENV`, if any (a testing switch)."""
-    value = os.environ.get(FUSED_BACKEND_ENV)
-    return value or None

@@ -115,7 +115,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from .common import StepArgs
+from ..options import StepArgs
 
 __all__ = ["step_triton", "triton_available", "use_triton", "LAUNCHES", "interpreted",
            "traffic_bytes"]
