@@ -408,9 +408,9 @@ def test_stochastic_rounding_matches_reference_in_distribution():
 
 
 def _cpu_kernel():
-    from torchcame._impl import fused_kernel
+    from torchcame._impl import cpu_kernel
 
-    if not fused_kernel.kernel_buildable():
+    if not cpu_kernel.kernel_buildable():
         pytest.skip("no C++ compiler for the fused CPU kernel")
 
 

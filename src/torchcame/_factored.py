@@ -207,12 +207,9 @@ def weight_decay_(params: list[Tensor], lr: float | Tensor, weight_decay: float)
         for param in params:
             param.addcmul_(param, lr.to(device=param.device, dtype=param.dtype),
                            value=-weight_decay)
-    elif torch.compiler.is_compiling():
-        # torch 2.13's Dynamo does not guard a float passed as ``alpha=``: a compiled step
-        # would keep decaying with the first lr it saw. Same math, no ``alpha``.
-        for param in params:
-            param.sub_(param * (weight_decay * lr))
     else:
+        # the foreach op also under torch.compile: Dynamo guards its ``alpha`` (a changing
+        # float lr recompiles), where ``Tensor.add_(alpha=)`` would keep the first lr seen
         torch._foreach_add_(params, params, alpha=-weight_decay * lr)
 
 
