@@ -65,6 +65,7 @@ def _int8_specs():
     return [
         ("int8_fsdp_over_colwise", (8, 64), (_StridedShard(0, split_factor=2), Shard(0))),
         ("int8_rows_dp", (4, 32), (Shard(0), Replicate())),
+        ("int8_rows_dp_cols_tp", (8, 64), (Shard(0), Shard(1))),  # rowwise TP: 32-col chunks
     ]
 
 
@@ -197,10 +198,10 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
         # int8 whose blocks would span ranks: a clear error before any state exists
         from torchcame.distributed import UnsupportedShardingError  # noqa: F401
 
-        bad = _place(torch.randn(8, 64), mesh, (Shard(0), Shard(1))).requires_grad_()
+        bad = _place(torch.randn(8, 48), mesh, (Shard(0), Shard(1))).requires_grad_()
         bad_opt = CAME([bad], momentum_dtype="int8", min_quantized_numel=64,
-                       quantization_block_size=32)
-        bad.grad = _place(torch.randn(8, 64), mesh, (Shard(0), Shard(1)))
+                       quantization_block_size=16)  # 48 columns: chunks of 24, cut blocks
+        bad.grad = _place(torch.randn(8, 48), mesh, (Shard(0), Shard(1)))
         try:
             bad_opt.step()
             results["int8_cut_error"] = "no error"
@@ -301,7 +302,7 @@ def test_int8_on_2d_layouts_with_whole_blocks(run):
 
 def test_int8_cutting_blocks_is_refused_before_any_state(run):
     message = _results(run)["int8_cut_error"]
-    assert "whole blocks" in message and "state created: False" in message, message
+    assert "column chunks of [24]" in message and "state created: False" in message, message
 
 
 def test_fsdp2_over_tensor_parallel_model_trains_as_one_process(run):

@@ -329,10 +329,10 @@ def init_state_dtensor(param: Tensor, layout: StateLayout) -> dict[str, Tensor]:
     placements = state_placements(param, layout)
     out: dict[str, Tensor] = {"step": local_state.pop("step")}
     if layout.quantized:
-        per_slice = param[0].numel() // layout.block_size if param.shape[0] else 0
+        per_slice = math.prod(param.shape[1:]) // layout.block_size
         global_shapes["exp_avg_absmax"] = torch.Size((param.shape[0], per_slice))
         local_state["exp_avg_absmax"] = local_state["exp_avg_absmax"].view(
-            local.shape[0], per_slice)
+            local.shape[0], math.prod(local.shape[1:]) // layout.block_size)
     for key, value in local_state.items():
         out[key] = _wrap(value, param.device_mesh, placements[key], global_shapes[key])
     return out
@@ -354,20 +354,45 @@ def check_layout(param: Tensor, layout: StateLayout) -> None:
 def _check_quantizable(param: Tensor, block_size: int, sharding: ShardLayout) -> None:
     """int8 momentum of a DTensor: whole quantization blocks on every rank, or an error.
 
-    Blocks run over the flattened global tensor, so a rank holds whole blocks when only dim 0
-    is sharded (by any number of mesh dims: its rows are one contiguous run) and a dim-0
-    slice is a multiple of the block size.
+    Blocks run over the flattened global tensor; the scales are laid out as
+    ``(size(0), slice // block)``, sharded like the parameter. A rank holds whole blocks when
+    a dim-0 slice is a multiple of the block size and either only dim 0 is sharded (by any
+    number of mesh dims: its rows are one contiguous run), or the parameter is a matrix whose
+    columns are split by ``Shard(1)`` into chunks that are all multiples of the block size
+    (rowwise tensor parallel), checked for every rank's chunk.
     """
-    slice_numel = param[0].numel() if param.dim() and param.shape[0] else 0
-    if sharding.sharding(range(1, param.dim())) or slice_numel % block_size:
+    slice_numel = math.prod(param.shape[1:]) if param.dim() else 0
+    problem = ""
+    if slice_numel % block_size:
+        problem = (f"the dim-0 slice size ({slice_numel}) is not a multiple of "
+                   f"quantization_block_size ({block_size})")
+    elif sharding.sharding(range(2, param.dim())):
+        problem = "a dim other than 0 and a matrix's columns is sharded"
+    elif sharding.sharding([1]) and param.dim() == 2:
+        lengths = {param.shape[1]}
+        for mesh_dim in sharding.dim_mesh_dims[1]:
+            placement = param.placements[mesh_dim]
+            if type(placement).__name__ == "_StridedShard":
+                problem = "the columns are split by a strided shard"
+                break
+            k, chunks = param.device_mesh.size(mesh_dim), set()
+            for length in lengths:  # torch.chunk: ceil(length / k), the last one shorter
+                size = -(-length // k) if length else 0
+                chunks.update({size, max(0, length - (k - 1) * size)})
+            if any(c % block_size for c in chunks):
+                problem = (f"column chunks of {sorted(chunks)} elements are not all multiples "
+                           f"of quantization_block_size ({block_size})")
+                break
+            lengths = chunks
+    if problem:
         raise NotImplementedError(
             f"momentum_dtype='int8' on a DTensor parameter of shape {tuple(param.shape)} "
-            f"placed {tuple(param.placements)}: int8 needs only dim 0 sharded (fully_shard's "
-            f"default, also over tensor parallel's Shard(0)) and dim-0 slices whose size "
-            f"({slice_numel}) is a multiple of quantization_block_size ({block_size}), so "
-            "that each rank holds whole blocks. Use a block size that divides it, a larger "
-            "min_quantized_numel to keep this tensor in float32, or momentum_dtype="
-            "torch.bfloat16"
+            f"placed {tuple(param.placements)}: {problem}, so a rank would not hold whole "
+            "blocks. int8 needs whole blocks on every rank: dim 0 sharded (fully_shard's "
+            "default, also over tensor parallel's Shard(0)) with slices a multiple of the "
+            "block size, or a matrix's columns in chunks of whole blocks. Use a block size "
+            "that divides them, a larger min_quantized_numel to keep this tensor in float32, "
+            "or momentum_dtype=torch.bfloat16"
         )
 
 
