@@ -46,6 +46,7 @@ from torchcame._impl import triton_kernels as tk  # noqa: E402
 if not CUDA and not tk.interpreted() and not FRESH_PROCESS:  # imported without the interpreter
     tk = importlib.reload(tk)
 
+from torchcame import _warnings  # noqa: E402
 from torchcame._factored import factored_dims  # noqa: E402
 from torchcame._impl.reference import step_single_tensor  # noqa: E402
 from torchcame.functional import init_state  # noqa: E402
@@ -547,7 +548,7 @@ def test_moved_factored_dims_through_strides():
         start = [p.clone() for p in params]
         ref, ref_states = _clone(params, states)
         args = _args(factor_dims="largest", weight_decay=0.1, block_size=8)
-        tk._warned.clear()
+        _warnings._warned.clear()
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no fallback warning
             for step in range(2):
@@ -569,7 +570,7 @@ def test_unmergeable_moved_dims_run_the_reference_with_a_warning():
     start = [p.clone() for p in params]
     args = _args(factor_dims="largest")
     grads = _grads(params, 0)
-    tk._warned.clear()
+    _warnings._warned.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _triton(params, grads, states, args, layouts)

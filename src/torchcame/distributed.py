@@ -537,6 +537,16 @@ class _ParamStep:
         n, m = self.shard.shape[-2], self.shard.shape[-1]
         return (old_sum * beta + total * ((1.0 - beta) / m)) / n
 
+    def _factored_statistics(self, row_key: str, col_key: str, beta: float) -> Tensor:
+        """The EMAs of a factored statistic's row and column parts from the reduced sums of
+        phase 1 or 3; returns the mean of the new row statistic over the global rows."""
+        n, m = self.shard.shape[-2], self.shard.shape[-1]
+        (row_sum, _), (col_sum, _), (old_sum, _), (total, _) = self.partials
+        row_mean = self._row_mean(old_sum, total, beta)  # from the old statistic's sum
+        ema_(self.state[row_key], row_sum.div_(m), beta)
+        ema_(self.state[col_key], col_sum.div_(n), beta)
+        return row_mean
+
     def phase1(self) -> None:
         """Second-moment sums (factored tensors)."""
         if not self.factored:
@@ -549,11 +559,7 @@ class _ParamStep:
         args, st, g = self.args, self.state, self.grad
         beta2 = args.betas[1]
         if self.factored:
-            n, m = self.shard.shape[-2], self.shard.shape[-1]
-            (row_sum, _), (col_sum, _), (old_sum, _), (total, _) = self.partials
-            row_mean = self._row_mean(old_sum, total, beta2)
-            ema_(st["exp_avg_sq_row"], row_sum.div_(m), beta2)
-            ema_(st["exp_avg_sq_col"], col_sum.div_(n), beta2)
+            row_mean = self._factored_statistics("exp_avg_sq_row", "exp_avg_sq_col", beta2)
             update = approx_rsqrt(st["exp_avg_sq_row"], st["exp_avg_sq_col"],
                                   row_mean=row_mean).mul_(g)
         else:
@@ -587,11 +593,7 @@ class _ParamStep:
         args, st = self.args, self.state
         beta3 = args.betas[2]
         if self.factored:
-            n, m = self.shard.shape[-2], self.shard.shape[-1]
-            (row_sum, _), (col_sum, _), (old_sum, _), (total, _) = self.partials
-            res_mean = self._row_mean(old_sum, total, beta3)
-            ema_(st["exp_avg_res_row"], row_sum.div_(m), beta3)
-            ema_(st["exp_avg_res_col"], col_sum.div_(n), beta3)
+            res_mean = self._factored_statistics("exp_avg_res_row", "exp_avg_res_col", beta3)
             self.update = approx_rsqrt(st["exp_avg_res_row"], st["exp_avg_res_col"],
                                        row_mean=res_mean).mul_(self._momentum())
         if args.bias_correction:  # m / (1 - beta1^t) and S_hat / (1 - beta3^t)

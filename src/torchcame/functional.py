@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from ._impl.compiled import warn_once
 from ._impl.foreach import step_multi_tensor, step_on_float_copies
 from ._impl.reference import step_single_tensor
+from ._warnings import warn_once
 from .options import DEFAULTS, StepArgs, step_args, unknown_options, validate_options
 from .state import StateLayout, layout_of
 from .state import init_state as _init_local_state

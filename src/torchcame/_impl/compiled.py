@@ -10,17 +10,17 @@ kernels cannot run, and tested on CPU.
 from __future__ import annotations
 
 import types
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .._factored import apply_updates_, approx_rsqrt, clip_, ema_, rms
+from .._warnings import warn_once
 from ..options import StepArgs
 from ..state import StateLayout
 
-__all__ = ["step_compiled", "warn_once"]
+__all__ = ["step_compiled"]
 
 _FACTORED_KEYS = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row",
                   "exp_avg_res_col")
@@ -118,12 +118,3 @@ def step_compiled(params: list[Tensor], grads: list[Tensor], states: list[dict],
                        "falling back to the multi-tensor (foreach) path")
             failed.append(i)
     return failed
-
-
-_warned: set[str] = set()
-
-
-def warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .._warnings import warn_once
 from ..options import StepArgs
 from ..state import StateLayout
-from .compiled import step_compiled, warn_once
+from .compiled import step_compiled
 from .cpu_kernel import kernel_available, kernel_workspace_bytes, step_cpu_kernel
 from .foreach import step_multi_tensor
 

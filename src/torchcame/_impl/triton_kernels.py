@@ -109,12 +109,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import warnings
 from collections import defaultdict
 
 import torch
 from torch import Tensor
 
+from .._warnings import warn_once
 from ..options import StepArgs
 
 __all__ = ["step_triton", "triton_available", "use_triton", "LAUNCHES", "interpreted",
@@ -199,13 +199,8 @@ def use_triton(device: torch.device) -> bool:
     return False
 
 
-_warned: set[str] = set()
-
-
 def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    warn_once(message, stacklevel=3)
 
 
 # ------------------------------------------------------------------------------ table layout
@@ -287,6 +282,32 @@ if triton is not None:
             return bits.to(tl.float32, bitcast=True)
         else:
             return x.to(tl.float32)
+
+    @triton.jit
+    def _ema_from_partials(stat_ptr, parts_ws, n_parts, stride, idx, mask, count, beta,
+                           one_minus_beta, other, BLOCK: tl.constexpr):
+        """``stat = beta * stat + (1 - beta) * (sum of the parts' partial sums) / count`` for
+        ``BLOCK`` entries, the parts added in a fixed order; returns the new values."""
+        s = tl.zeros([BLOCK], dtype=tl.float32)
+        for part in range(0, n_parts):
+            s += tl.load(parts_ws + part * stride + idx, mask=mask, other=0.0)
+        value = tl.load(stat_ptr + idx, mask=mask, other=other)
+        value = value * beta + one_minus_beta * tl.math.div_rn(s, count.to(tl.float32))
+        tl.store(stat_ptr + idx, value, mask=mask)
+        return value
+
+    @triton.jit
+    def _tile(b, rows, cols, r_hi, cm, n, m, s_b, s_n, s_m, MOVED: tl.constexpr):
+        """Row mask, global row index, element mask and element offsets of one row tile
+        of batch ``b`` (contiguous ``(B, n, m)``, or the strided view of moved dims)."""
+        rm = rows < r_hi
+        k = b * n + rows
+        mask = rm[:, None] & cm[None, :]
+        if MOVED:  # the factored dims are not the last two: a strided view
+            offs = (b * s_b + rows * s_n)[:, None] + cols[None, :] * s_m
+        else:
+            offs = k[:, None] * m + cols[None, :]
+        return rm, k, mask, offs
 
     @triton.jit
     def _load_f32(ptr, offs, mask, DTYPE: tl.constexpr):
@@ -381,6 +402,10 @@ if triton is not None:
             s_b = tl.load(meta + t * NCOL + K_SB)
             s_n = tl.load(meta + t * NCOL + K_SN)
             s_m = tl.load(meta + t * NCOL + K_SM)
+        else:  # unused by _tile (MOVED is a compile-time constant)
+            s_b = 0
+            s_n = 0
+            s_m = 0
         if PASS == 2:
             rf_ws = ws + tl.load(meta + t * NCOL + K_WRF)
             cf_ws = ws + tl.load(meta + t * NCOL + K_WCF)
@@ -392,13 +417,8 @@ if triton is not None:
                 cf = tl.load(cf_ws + b * m + cols, mask=cm, other=0.0)
                 for i0 in range(r_lo, r_hi, BLOCK_N):
                     rows = i0 + tl.arange(0, BLOCK_N)
-                    rm = rows < r_hi
-                    k = b * n + rows
-                    mask = rm[:, None] & cm[None, :]
-                    if MOVED:  # the factored dims are not the last two: a strided view
-                        offs = (b * s_b + rows * s_n)[:, None] + cols[None, :] * s_m
-                    else:
-                        offs = k[:, None] * m + cols[None, :]
+                    rm, k, mask, offs = _tile(b, rows, cols, r_hi, cm, n, m, s_b, s_n, s_m,
+                                              MOVED)
                     g = _load_f32(g_ptr, offs, mask, G_DTYPE)
                     rf = tl.load(rf_ws + k, mask=rm, other=0.0)
                     u = ((rf[:, None] * cf[None, :]) * g) * bc2
@@ -424,13 +444,8 @@ if triton is not None:
                     cf = tl.load(cf_ws + b * m + cols, mask=cm, other=0.0)
                 for i0 in range(r_lo, r_hi, BLOCK_N):
                     rows = i0 + tl.arange(0, BLOCK_N)
-                    rm = rows < r_hi
-                    k = b * n + rows
-                    mask = rm[:, None] & cm[None, :]
-                    if MOVED:  # the factored dims are not the last two: a strided view
-                        offs = (b * s_b + rows * s_n)[:, None] + cols[None, :] * s_m
-                    else:
-                        offs = k[:, None] * m + cols[None, :]
+                    rm, k, mask, offs = _tile(b, rows, cols, r_hi, cm, n, m, s_b, s_n, s_m,
+                                              MOVED)
                     g = _load_f32(g_ptr, offs, mask, G_DTYPE)
                     if PASS == 1:
                         val = g * g + eps1
@@ -490,12 +505,8 @@ if triton is not None:
             i = j * BLOCK + tl.arange(0, BLOCK)
             mask = i < n
             idx = b * n + i
-            s = tl.zeros([BLOCK], dtype=tl.float32)
-            for cg in range(0, n_cg):
-                s += tl.load(rp_ws + cg * (nb * n) + idx, mask=mask, other=0.0)
-            r = tl.load(row_ptr + idx, mask=mask, other=0.0)
-            r = r * beta + one_minus_beta * tl.math.div_rn(s, m.to(tl.float32))
-            tl.store(row_ptr + idx, r, mask=mask)
+            r = _ema_from_partials(row_ptr, rp_ws, n_cg, nb * n, idx, mask, m, beta,
+                                   one_minus_beta, 0.0, BLOCK)
             rs_ws = ws + tl.load(meta + t * NCOL + K_WRS)
             tl.store(rs_ws + b * row_chunks + j, tl.sum(tl.where(mask, r, 0.0), axis=0))
         else:
@@ -504,12 +515,8 @@ if triton is not None:
             i = (j - row_chunks) * BLOCK + tl.arange(0, BLOCK)
             mask = i < m
             idx = b * m + i
-            s = tl.zeros([BLOCK], dtype=tl.float32)
-            for pg in range(0, n_pg):
-                s += tl.load(cp_ws + pg * (nb * m) + idx, mask=mask, other=0.0)
-            c = tl.load(col_ptr + idx, mask=mask, other=1.0)
-            c = c * beta + one_minus_beta * tl.math.div_rn(s, n.to(tl.float32))
-            tl.store(col_ptr + idx, c, mask=mask)
+            c = _ema_from_partials(col_ptr, cp_ws, n_pg, nb * m, idx, mask, n, beta,
+                                   one_minus_beta, 1.0, BLOCK)
             tl.store(cf_ws + idx, tl.math.div_rn(1.0, tl.sqrt_rn(c)), mask=mask)
 
     @triton.jit

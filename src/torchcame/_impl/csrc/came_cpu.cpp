@@ -427,13 +427,10 @@ void factored_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads
   for_each_tensor(params, [&](size_t i) {
     FactoredTensors tensors{params[i], grads[i], exp_avgs[i], exp_avg_absmaxes[i],
                             rows[i],   cols[i],  res_rows[i], res_cols[i]};
-    dispatch(params[i].scalar_type(), settings[i].format,
-             [&](auto param_tag, auto acc_tag, auto in_place_flag) {
-               using param_t = typename decltype(param_tag)::type;
-               using acc_t = typename decltype(acc_tag)::type;
-               constexpr bool kInPlace = decltype(in_place_flag)::value;
-               factored_tensor_step<param_t, acc_t, kInPlace>(tensors, h, settings[i]);
-             });
+    dispatch(params[i].scalar_type(), settings[i].format, [&](auto param, auto acc, auto in_place) {
+      factored_tensor_step<typename decltype(param)::type, typename decltype(acc)::type,
+                           decltype(in_place)::value>(tensors, h, settings[i]);
+    });
   });
 }
 
@@ -455,13 +452,10 @@ void vector_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
   for_each_tensor(params, [&](size_t i) {
     if (params[i].numel() == 0) return;
     VectorTensors tensors{params[i], grads[i], exp_avgs[i], exp_avg_absmaxes[i], exp_avg_sqs[i]};
-    dispatch(params[i].scalar_type(), settings[i].format,
-             [&](auto param_tag, auto acc_tag, auto in_place_flag) {
-               using param_t = typename decltype(param_tag)::type;
-               using acc_t = typename decltype(acc_tag)::type;
-               constexpr bool kInPlace = decltype(in_place_flag)::value;
-               vector_tensor_step<param_t, acc_t, kInPlace>(tensors, h, settings[i]);
-             });
+    dispatch(params[i].scalar_type(), settings[i].format, [&](auto param, auto acc, auto in_place) {
+      vector_tensor_step<typename decltype(param)::type, typename decltype(acc)::type,
+                         decltype(in_place)::value>(tensors, h, settings[i]);
+    });
   });
 }
 
