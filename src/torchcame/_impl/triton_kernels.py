@@ -297,9 +297,23 @@ if triton is not None:
         return value
 
     @triton.jit
-    def _tile(b, rows, cols, r_hi, cm, n, m, s_b, s_n, s_m, MOVED: tl.constexpr):
-        """Row mask, global row index, element mask and element offsets of one row tile
-        of batch ``b`` (contiguous ``(B, n, m)``, or the strided view of moved dims)."""
+    def _locate(meta, prog_map, START: tl.constexpr):
+        """This program's tensor (its row of the table), its index among that tensor's
+        programs of the launch (``START``: the column of its first program), and the
+        tensor's ``(B, n, m)``."""
+        pid = tl.program_id(0)
+        t = tl.load(prog_map + pid)
+        local = pid - tl.load(meta + t * NCOL + START)
+        return (t, local, tl.load(meta + t * NCOL + K_B), tl.load(meta + t * NCOL + K_N),
+                tl.load(meta + t * NCOL + K_MC))
+
+    @triton.jit
+    def _tile(b, i0, cols, r_hi, cm, n, m, s_b, s_n, s_m, MOVED: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+        """Rows, row mask, global row index, element mask and element offsets of the row
+        tile at ``i0`` of batch ``b`` (contiguous ``(B, n, m)``, or the strided view of
+        moved dims)."""
+        rows = i0 + tl.arange(0, BLOCK_N)
         rm = rows < r_hi
         k = b * n + rows
         mask = rm[:, None] & cm[None, :]
@@ -307,7 +321,7 @@ if triton is not None:
             offs = (b * s_b + rows * s_n)[:, None] + cols[None, :] * s_m
         else:
             offs = k[:, None] * m + cols[None, :]
-        return rm, k, mask, offs
+        return rows, rm, k, mask, offs
 
     @triton.jit
     def _load_f32(ptr, offs, mask, DTYPE: tl.constexpr):
@@ -379,12 +393,7 @@ if triton is not None:
         ``u^2``. PASS 3: the new momentum (stored when float32) and row and column partial
         sums of the instability ``U = (u_hat - m)^2 + eps2``.
         """
-        pid = tl.program_id(0)
-        t = tl.load(prog_map + pid)
-        local = pid - tl.load(meta + t * NCOL + K_S_TILE)
-        nb = tl.load(meta + t * NCOL + K_B)
-        n = tl.load(meta + t * NCOL + K_N)
-        m = tl.load(meta + t * NCOL + K_MC)
+        t, local, nb, n, m = _locate(meta, prog_map, K_S_TILE)
         n_pg = tl.load(meta + t * NCOL + K_PG)
         n_cg = tl.load(meta + t * NCOL + K_CG)
         rpp = tl.load(meta + t * NCOL + K_RPP)
@@ -416,9 +425,8 @@ if triton is not None:
                 cm = cols < c_hi
                 cf = tl.load(cf_ws + b * m + cols, mask=cm, other=0.0)
                 for i0 in range(r_lo, r_hi, BLOCK_N):
-                    rows = i0 + tl.arange(0, BLOCK_N)
-                    rm, k, mask, offs = _tile(b, rows, cols, r_hi, cm, n, m, s_b, s_n, s_m,
-                                              MOVED)
+                    rows, rm, k, mask, offs = _tile(b, i0, cols, r_hi, cm, n, m, s_b, s_n,
+                                                    s_m, MOVED, BLOCK_N)
                     g = _load_f32(g_ptr, offs, mask, G_DTYPE)
                     rf = tl.load(rf_ws + k, mask=rm, other=0.0)
                     u = ((rf[:, None] * cf[None, :]) * g) * bc2
@@ -443,9 +451,8 @@ if triton is not None:
                 if PASS == 3:
                     cf = tl.load(cf_ws + b * m + cols, mask=cm, other=0.0)
                 for i0 in range(r_lo, r_hi, BLOCK_N):
-                    rows = i0 + tl.arange(0, BLOCK_N)
-                    rm, k, mask, offs = _tile(b, rows, cols, r_hi, cm, n, m, s_b, s_n, s_m,
-                                              MOVED)
+                    rows, rm, k, mask, offs = _tile(b, i0, cols, r_hi, cm, n, m, s_b, s_n,
+                                                    s_m, MOVED, BLOCK_N)
                     g = _load_f32(g_ptr, offs, mask, G_DTYPE)
                     if PASS == 1:
                         val = g * g + eps1
@@ -481,12 +488,7 @@ if triton is not None:
         """EMA of ``BLOCK`` rows or columns of a factored statistic (RES=0: r, c; RES=1: R, C)
         of one batch from the partial sums (added in a fixed order). A row chunk also writes
         the sum of its new row statistic (for the mean); a column chunk writes ``rsqrt(c)``."""
-        pid = tl.program_id(0)
-        t = tl.load(prog_map + pid)
-        local = pid - tl.load(meta + t * NCOL + K_S_FIN)
-        nb = tl.load(meta + t * NCOL + K_B)
-        n = tl.load(meta + t * NCOL + K_N)
-        m = tl.load(meta + t * NCOL + K_MC)
+        t, local, nb, n, m = _locate(meta, prog_map, K_S_FIN)
         row_chunks = tl.cdiv(n, BLOCK)
         chunks = row_chunks + tl.cdiv(m, BLOCK)
         b = local // chunks
@@ -976,22 +978,23 @@ def _step_group(key: tuple, params: list[Tensor], grads: list[Tensor], states: l
         n_tile, n_fin, n_fac = int(sum(counts_tile)), int(sum(counts_fin)), int(sum(counts_fac))
         common = dict(P_DTYPE=P_DTYPE, G_DTYPE=G_DTYPE, M_FMT=fmt, M_DTYPE=M_DTYPE,
                       BLOCK_N=block_n, BLOCK_M=block_m, IDX64=idx64, MOVED=moved)
+
+        def statistics(res: int, beta: float, one_minus_beta: float) -> None:
+            _launch("stat_ema", _stat_ema_kernel, n_fin, meta, fin_map, ws, beta,
+                    one_minus_beta, RES=res, BLOCK=FINALIZE_BLOCK)
+            _launch("row_factor", _row_factor_kernel, n_fac, meta, fac_map, ws, RES=res,
+                    BLOCK=FINALIZE_BLOCK)
+
         _launch("pass1", _rowtile_kernel, n_tile, meta, fmeta, tile_map, ws, eps1, eps2,
                 beta1, a1, sign, PASS=1, **common)
-        _launch("stat_ema", _stat_ema_kernel, n_fin, meta, fin_map, ws, beta2, a2,
-                RES=0, BLOCK=FINALIZE_BLOCK)
-        _launch("row_factor", _row_factor_kernel, n_fac, meta, fac_map, ws, RES=0,
-                BLOCK=FINALIZE_BLOCK)
+        statistics(0, beta2, a2)  # r, c and their factors
         _launch("pass2", _rowtile_kernel, n_tile, meta, fmeta, tile_map, ws, eps1, eps2,
                 beta1, a1, sign, PASS=2, **common)
         _launch("denom", _denom_kernel, T, meta, fmeta, ws, float(args.clip_threshold),
                 BLOCK=256)
         _launch("pass3", _rowtile_kernel, n_tile, meta, fmeta, tile_map, ws, eps1, eps2,
                 beta1, a1, sign, PASS=3, **common)
-        _launch("stat_ema", _stat_ema_kernel, n_fin, meta, fin_map, ws, beta3, a3,
-                RES=1, BLOCK=FINALIZE_BLOCK)
-        _launch("row_factor", _row_factor_kernel, n_fac, meta, fac_map, ws, RES=1,
-                BLOCK=FINALIZE_BLOCK)
+        statistics(1, beta3, a3)  # R, C and their factors
     else:
         vec_map = _program_map(counts_vec, device)
         _launch("vector", _vector_kernel, int(sum(counts_vec)), meta, fmeta, vec_map, ws,
