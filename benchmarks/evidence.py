@@ -501,8 +501,11 @@ HORIZONS = {
         ("came", "adamw", "adamw-b95", "came-short", "adafactor", "came-bc"),
     ),
     "size-gpt": Horizon(
-        "size-gpt", "gpt", "9x", (300, 1000), ("came", "adamw", "adamw-b95", "came-short",
-                                               "adafactor")
+        "size-gpt",
+        "gpt",
+        "9x",
+        (300, 1000),
+        ("came", "adamw", "adamw-b95", "came-short", "adafactor"),
     ),
     "horizon-bert": Horizon(
         "horizon-bert",
@@ -582,14 +585,18 @@ def run_finetune(study: Study, *, quick: bool = False, max_bytes: int = 8_000_00
     model = "quick" if quick else "llama"
     batch = 4 if quick else BASE_BATCH
     pre_steps = 20 if quick else FINETUNE_PRETRAIN["steps"]
-    pre = Setting("finetune-llama-pretrain", "llama", model, pre_steps, batch,
-                  max_bytes=max_bytes)
+    pre = Setting("finetune-llama-pretrain", "llama", model, pre_steps, batch, max_bytes=max_bytes)
     init = study.pretrained(pre, FINETUNE_PRETRAIN["optimizer"], FINETUNE_PRETRAIN["lr"])
-    tune = Setting("finetune-llama", "llama", model, 8 if quick else FINETUNE_STEPS, batch,
-                   max_bytes=max_bytes)
+    tune = Setting(
+        "finetune-llama", "llama", model, 8 if quick else FINETUNE_STEPS, batch, max_bytes=max_bytes
+    )
     return {
         opt: study.sweep(
-            tune, opt, FINETUNE_START_LR[opt], corpus="topics", init=init,
+            tune,
+            opt,
+            FINETUNE_START_LR[opt],
+            corpus="topics",
+            init=init,
             extra_evals={"pretrain": "stdlib"},
         )
         for opt in FINETUNE_OPTIMIZERS
@@ -720,8 +727,10 @@ def verdicts(runs: Sequence[dict]) -> list[dict[str, str]]:
                     out.append(_pending(claim2, exp, missing))
                 else:
                     gap, sd = _gap_stats(c["losses"], f["losses"])
-                    v = "unclear" if abs(gap) <= sd else (
-                        "reproduced" if gap < 0 else "not reproduced"
+                    v = (
+                        "unclear"
+                        if abs(gap) <= sd
+                        else ("reproduced" if gap < 0 else "not reproduced")
                     )
                     out.append(
                         {
@@ -771,8 +780,10 @@ def _large_verdicts(runs: Sequence[dict]) -> list[dict[str, str]]:
         gap = 100 * (means["came"][0] - others) / others
         sd = 100 * means["came"][1] / others
         ok = gap <= 0 or abs(gap) <= sd
-        v = "reproduced" if ok and inst["came"] <= min(inst["adamw"], inst["lamb"]) else (
-            "not reproduced" if gap > sd else "unclear"
+        v = (
+            "reproduced"
+            if ok and inst["came"] <= min(inst["adamw"], inst["lamb"])
+            else ("not reproduced" if gap > sd else "unclear")
         )
         out.append(
             {
@@ -802,8 +813,10 @@ def _finetune_verdicts(runs: Sequence[dict]) -> list[dict[str, str]]:
             continue
         c, a = bests["came"], bests["adamw"]
         gap, sd = _gap_stats(c["losses"], a["losses"])
-        v = "unclear" if abs(gap - 2.0) <= sd else (
-            "reproduced" if gap <= 2.0 else "not reproduced"
+        v = (
+            "unclear"
+            if abs(gap - 2.0) <= sd
+            else ("reproduced" if gap <= 2.0 else "not reproduced")
         )
         forget = {
             o: _ms([r["pretrain_val_loss"] for r in bests[o]["runs"]])[0] for o in ("came", "adamw")
@@ -884,9 +897,7 @@ def plot_gaps(root: Path = RESULTS) -> Path | None:
             n = min(len(b["losses"]), len(a["losses"]))
             gap, sd = _gap_stats(b["losses"][:n], a["losses"][:n])
             done = b["complete"] and a["complete"]
-            panels.setdefault((task, model), {}).setdefault(opt, []).append(
-                (tokens, gap, sd, done)
-            )
+            panels.setdefault((task, model), {}).setdefault(opt, []).append((tokens, gap, sd, done))
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
@@ -900,7 +911,12 @@ def plot_gaps(root: Path = RESULTS) -> Path | None:
             ax.plot(xs, [p[1] for p in pts], color=color, alpha=0.6)
             for x, y, s, done in pts:
                 ax.errorbar(
-                    x, y, yerr=s, fmt="o", color=color, mfc=color if done else "white",
+                    x,
+                    y,
+                    yerr=s,
+                    fmt="o",
+                    color=color,
+                    mfc=color if done else "white",
                     capsize=3,
                 )
             ax.plot([], [], "o-", color=color, label=opt)
@@ -942,7 +958,11 @@ def plot_large(root: Path = RESULTS) -> Path | None:
             n = min(len(x["val_loss"]) for x in h)
             ys = [statistics.fmean(x["val_loss"][i] for x in h) for i in range(n)]
             ax.plot(
-                h[0]["eval_tokens"][:n], ys, ls, marker="o", markersize=2,
+                h[0]["eval_tokens"][:n],
+                ys,
+                ls,
+                marker="o",
+                markersize=2,
                 label=f"{opt} batch {batch}, {key[4]} steps (lr {b['best_lr']:g}, "
                 f"{len(b['runs'])} seed{'s' if len(b['runs']) > 1 else ''})",
             )
@@ -957,6 +977,72 @@ def plot_large(root: Path = RESULTS) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def wall_times(root: Path = RESULTS) -> str:
+    """A markdown table: per experiment, the runs cached, tokens trained and their wall time."""
+    totals: dict[str, list[float]] = {}
+    for r in load_runs(root):
+        t = totals.setdefault(r["experiment"], [0, 0, 0.0])
+        t[0] += 1
+        t[1] += r["tokens"]
+        t[2] += r["wall_seconds"]
+    lines = [
+        "| experiment | runs cached | tokens trained | wall time of those runs |",
+        "|---|---|---|---|",
+    ]
+    for exp, (n, tokens, wall) in sorted(totals.items()):
+        lines.append(f"| {exp} | {n} | {tokens / 1e6:,.1f} M | {wall / 3600:.2f} h |")
+    return "\n".join(lines)
+
+
+def summary_tables(root: Path = RESULTS) -> str:
+    """Per setting: each optimizer's chosen lr, val loss over its seeds and gap to AdamW."""
+    out = []
+    for key, by_opt in sorted(
+        _groups(load_runs(root)).items(), key=lambda kv: kv[0][:4] + (kv[0][4],)
+    ):
+        if "pretrain" in key[0]:
+            continue
+        bests = {o: best_of(rs) for o, rs in by_opt.items()}
+        adamws = {o: b for o, b in bests.items() if o in ADAMW_PAIR and b["losses"]}
+        ref = None
+        if adamws:
+            ref = min(adamws, key=lambda o: (not adamws[o]["complete"], _mean(adamws[o]["losses"])))
+        out += [
+            f"**{key[0]}: {_setting_label(key)}** ({by_opt[next(iter(by_opt))][0]['tokens']:,} "
+            "tokens per run)",
+            "",
+            "| optimizer | best lr | val loss (seeds) | gap to " + (ref or "AdamW") + " | status |",
+            "|---|---|---|---|---|",
+        ]
+        for opt, b in sorted(
+            bests.items(), key=lambda kv: _mean(kv[1]["losses"]) if kv[1]["losses"] else math.inf
+        ):
+            m, sd = _ms(b["losses"])
+            gap = ""
+            if ref and b["losses"] and opt != ref:
+                n = min(len(b["losses"]), len(bests[ref]["losses"]))
+                g, gs = _gap_stats(b["losses"][:n], bests[ref]["losses"][:n])
+                gap = f"{g:+.2f}% ± {gs:.2f}"
+            lr = "-" if b["best_lr"] is None else f"{b['best_lr']:g}"
+            state = (
+                "complete"
+                if b["complete"]
+                else ("best on the grid's edge" if not b["interior"] else "seeds pending")
+            )
+            extra = ""
+            if b.get("runs") and "pretrain_val_loss" in b["runs"][0]:
+                pm, ps = _ms([r["pretrain_val_loss"] for r in b["runs"]])
+                extra = f"; stdlib (pretraining domain) {pm:.4f} ± {ps:.4f}"
+            if b.get("runs") and "large" in key[0]:
+                extra = f"; {sum(r['instabilities'] for r in b['runs'])} instability steps"
+            out.append(
+                f"| {opt} | {lr} | {m:.4f} ± {sd:.4f} ({len(b['losses'])}){extra} | {gap} | "
+                f"{state} |"
+            )
+        out.append("")
+    return "\n".join(out)
 
 
 def status(root: Path = RESULTS) -> str:
@@ -988,7 +1074,12 @@ def status(root: Path = RESULTS) -> str:
 # the command line
 
 EXPERIMENTS = (
-    "horizon-gpt", "size-gpt", "horizon-bert", "large-bert", "finetune-llama", "toy-search"
+    "horizon-gpt",
+    "size-gpt",
+    "horizon-bert",
+    "large-bert",
+    "finetune-llama",
+    "toy-search",
 )
 
 
@@ -1017,7 +1108,7 @@ def run_experiment(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=(*EXPERIMENTS, "all", "claims", "status"))
+    parser.add_argument("what", choices=(*EXPERIMENTS, "all", "claims", "status", "summary"))
     parser.add_argument(
         "--quick", action="store_true", help="tiny model and lengths: checks the machinery"
     )
@@ -1036,6 +1127,9 @@ def main(argv: list[str] | None = None) -> int:
         root = RESULTS / "quick"
     if args.what == "status":
         print(status(root))
+        return 0
+    if args.what == "summary":
+        print(summary_tables(root))
         return 0
     if args.what != "claims":
         import torch
@@ -1060,7 +1154,11 @@ def main(argv: list[str] | None = None) -> int:
         "# Evidence study: cached runs per setting\n\nWritten by `python benchmarks/evidence.py "
         "claims` (and after every experiment) from `runs/`. Seed-0 grid, the lr chosen (3-seed "
         "mean where seeds ran), and the wall time of all runs of the row on the shared "
-        "2-core machine.\n\n" + status(root) + "\n\n## Verdicts (claims.json)\n\n"
+        "2-core machine.\n\n"
+        + wall_times(root)
+        + "\n\n"
+        + status(root)
+        + "\n\n## Verdicts (claims.json)\n\n"
         "| claim | experiment | verdict | evidence |\n|---|---|---|---|\n"
         + "".join(
             f"| {v['claim']} | {v['experiment']} | {v['verdict']} | {v['evidence']} |\n"
