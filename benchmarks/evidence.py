@@ -10,6 +10,7 @@ Usage (from the repository root, the ``[recipes]`` extra installed)::
     python benchmarks/evidence.py toy-search      # the toy MLP problem space
     python benchmarks/evidence.py claims          # claims.json + plots from the cached runs
     python benchmarks/evidence.py status          # what is cached, per setting
+    python benchmarks/evidence.py summary         # per-setting tables (docs/evidence.md)
     python benchmarks/evidence.py all             # every part above, in that order
     python benchmarks/evidence.py horizon-gpt --quick --results /tmp/q   # seconds: the machinery
 
