@@ -786,18 +786,21 @@ def _large_verdicts(runs: Sequence[dict]) -> list[dict[str, str]]:
             if ok and inst["came"] <= min(inst["adamw"], inst["lamb"])
             else ("not reproduced" if gap > sd else "unclear")
         )
-        out.append(
-            {
-                "claim": claim,
-                "experiment": exp,
-                "verdict": v,
-                "evidence": "; ".join(
-                    f"{o} lr {bests[o]['best_lr']:g}: {means[o][0]:.4f} ± {means[o][1]:.4f}, "
-                    f"{inst[o]} instability steps over 3 seeds"
-                    for o in LARGE_OPTIMIZERS
-                ),
-            }
+        evidence = "; ".join(
+            f"{o} lr {bests[o]['best_lr']:g}: {means[o][0]:.4f} ± {means[o][1]:.4f}, "
+            f"{inst[o]} instability steps over 3 seeds"
+            for o in LARGE_OPTIMIZERS
         )
+        # the base batch at the same tokens, where it ran: what the large batch costs or saves
+        matched = groups.get((exp, task, model, base, steps * batch // base), {})
+        matched_bests = {o: best_of(rs) for o, rs in matched.items()}
+        if matched_bests:
+            evidence += f". Batch {base} at the same tokens: " + ", ".join(
+                f"{o} {_ms(b['losses'])[0]:.4f}" + ("" if b["complete"] else " (pending)")
+                for o, b in sorted(matched_bests.items())
+                if b["losses"]
+            )
+        out.append({"claim": claim, "experiment": exp, "verdict": v, "evidence": evidence})
     return out
 
 
