@@ -881,6 +881,7 @@ def plot_gaps(root: Path = RESULTS) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     runs = [r for r in load_runs(root) if "large" not in r["experiment"]]
     runs = [r for r in runs if "finetune" not in r["experiment"]]
@@ -896,7 +897,7 @@ def plot_gaps(root: Path = RESULTS) -> Path | None:
         a = adamws[a_name]
         tokens = by_opt[a_name][0]["tokens"]
         for opt, b in bests.items():
-            if opt in ADAMW_PAIR or not b["losses"]:
+            if opt == a_name or not b["losses"]:
                 continue
             n = min(len(b["losses"]), len(a["losses"]))
             gap, sd = _gap_stats(b["losses"][:n], a["losses"][:n])
@@ -911,9 +912,11 @@ def plot_gaps(root: Path = RESULTS) -> Path | None:
         for opt, pts in sorted(series.items()):
             pts.sort()
             color = colors[names.index(opt) % len(colors)]
-            xs = [p[0] for p in pts]
+            # optimizers side by side around each token count (a few % apart on the log axis)
+            dodge = 1.0 + 0.06 * (names.index(opt) - (len(names) - 1) / 2)
+            xs = [p[0] * dodge for p in pts]
             ax.plot(xs, [p[1] for p in pts], color=color, alpha=0.6)
-            for x, y, s, done in pts:
+            for (_, y, s, done), x in zip(pts, xs):
                 ax.errorbar(
                     x,
                     y,
@@ -927,7 +930,11 @@ def plot_gaps(root: Path = RESULTS) -> Path | None:
         ax.axhline(0, color="black", linewidth=0.8)
         ax.axhline(2, color="gray", linewidth=0.8, linestyle="--")
         ax.set_xscale("log")
-        ax.set_xlabel("training tokens")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        tokens = [p[0] for pts in series.values() for p in pts]
+        ax.set_xlim(min(tokens) / 2, max(tokens) * 2)
+        ax.set_xticks(sorted(set(tokens)), [f"{t / 1e6:.2g} M" for t in sorted(set(tokens))])
+        ax.set_xlabel("training tokens (log scale)")
         ax.set_ylabel("final val loss vs best AdamW (%)")
         ax.set_title(f"{task}, {model} model (hollow: pending)")
         ax.grid(True, alpha=0.3)
