@@ -10,6 +10,7 @@ Usage (from the repository root, the ``[recipes]`` extra installed)::
     python benchmarks/evidence.py toy-search      # the toy MLP problem space
     python benchmarks/evidence.py claims          # claims.json + plots from the cached runs
     python benchmarks/evidence.py status          # what is cached, per setting
+    python benchmarks/evidence.py summary         # per-setting tables (docs/evidence.md)
     python benchmarks/evidence.py all             # every part above, in that order
     python benchmarks/evidence.py horizon-gpt --quick --results /tmp/q   # seconds: the machinery
 
@@ -501,8 +502,11 @@ HORIZONS = {
         ("came", "adamw", "adamw-b95", "came-short", "adafactor", "came-bc"),
     ),
     "size-gpt": Horizon(
-        "size-gpt", "gpt", "9x", (300, 1000), ("came", "adamw", "adamw-b95", "came-short",
-                                               "adafactor")
+        "size-gpt",
+        "gpt",
+        "9x",
+        (300, 1000),
+        ("came", "adamw", "adamw-b95", "came-short", "adafactor"),
     ),
     "horizon-bert": Horizon(
         "horizon-bert",
@@ -582,14 +586,18 @@ def run_finetune(study: Study, *, quick: bool = False, max_bytes: int = 8_000_00
     model = "quick" if quick else "llama"
     batch = 4 if quick else BASE_BATCH
     pre_steps = 20 if quick else FINETUNE_PRETRAIN["steps"]
-    pre = Setting("finetune-llama-pretrain", "llama", model, pre_steps, batch,
-                  max_bytes=max_bytes)
+    pre = Setting("finetune-llama-pretrain", "llama", model, pre_steps, batch, max_bytes=max_bytes)
     init = study.pretrained(pre, FINETUNE_PRETRAIN["optimizer"], FINETUNE_PRETRAIN["lr"])
-    tune = Setting("finetune-llama", "llama", model, 8 if quick else FINETUNE_STEPS, batch,
-                   max_bytes=max_bytes)
+    tune = Setting(
+        "finetune-llama", "llama", model, 8 if quick else FINETUNE_STEPS, batch, max_bytes=max_bytes
+    )
     return {
         opt: study.sweep(
-            tune, opt, FINETUNE_START_LR[opt], corpus="topics", init=init,
+            tune,
+            opt,
+            FINETUNE_START_LR[opt],
+            corpus="topics",
+            init=init,
             extra_evals={"pretrain": "stdlib"},
         )
         for opt in FINETUNE_OPTIMIZERS
@@ -720,8 +728,10 @@ def verdicts(runs: Sequence[dict]) -> list[dict[str, str]]:
                     out.append(_pending(claim2, exp, missing))
                 else:
                     gap, sd = _gap_stats(c["losses"], f["losses"])
-                    v = "unclear" if abs(gap) <= sd else (
-                        "reproduced" if gap < 0 else "not reproduced"
+                    v = (
+                        "unclear"
+                        if abs(gap) <= sd
+                        else ("reproduced" if gap < 0 else "not reproduced")
                     )
                     out.append(
                         {
@@ -771,21 +781,26 @@ def _large_verdicts(runs: Sequence[dict]) -> list[dict[str, str]]:
         gap = 100 * (means["came"][0] - others) / others
         sd = 100 * means["came"][1] / others
         ok = gap <= 0 or abs(gap) <= sd
-        v = "reproduced" if ok and inst["came"] <= min(inst["adamw"], inst["lamb"]) else (
-            "not reproduced" if gap > sd else "unclear"
+        v = (
+            "reproduced"
+            if ok and inst["came"] <= min(inst["adamw"], inst["lamb"])
+            else ("not reproduced" if gap > sd else "unclear")
         )
-        out.append(
-            {
-                "claim": claim,
-                "experiment": exp,
-                "verdict": v,
-                "evidence": "; ".join(
-                    f"{o} lr {bests[o]['best_lr']:g}: {means[o][0]:.4f} ± {means[o][1]:.4f}, "
-                    f"{inst[o]} instability steps over 3 seeds"
-                    for o in LARGE_OPTIMIZERS
-                ),
-            }
+        evidence = "; ".join(
+            f"{o} lr {bests[o]['best_lr']:g}: {means[o][0]:.4f} ± {means[o][1]:.4f}, "
+            f"{inst[o]} instability steps over 3 seeds"
+            for o in LARGE_OPTIMIZERS
         )
+        # the base batch at the same tokens, where it ran: what the large batch costs or saves
+        matched = groups.get((exp, task, model, base, steps * batch // base), {})
+        matched_bests = {o: best_of(rs) for o, rs in matched.items()}
+        if matched_bests:
+            evidence += f". Batch {base} at the same tokens: " + ", ".join(
+                f"{o} {_ms(b['losses'])[0]:.4f}" + ("" if b["complete"] else " (pending)")
+                for o, b in sorted(matched_bests.items())
+                if b["losses"]
+            )
+        out.append({"claim": claim, "experiment": exp, "verdict": v, "evidence": evidence})
     return out
 
 
@@ -802,8 +817,10 @@ def _finetune_verdicts(runs: Sequence[dict]) -> list[dict[str, str]]:
             continue
         c, a = bests["came"], bests["adamw"]
         gap, sd = _gap_stats(c["losses"], a["losses"])
-        v = "unclear" if abs(gap - 2.0) <= sd else (
-            "reproduced" if gap <= 2.0 else "not reproduced"
+        v = (
+            "unclear"
+            if abs(gap - 2.0) <= sd
+            else ("reproduced" if gap <= 2.0 else "not reproduced")
         )
         forget = {
             o: _ms([r["pretrain_val_loss"] for r in bests[o]["runs"]])[0] for o in ("came", "adamw")
@@ -864,6 +881,7 @@ def plot_gaps(root: Path = RESULTS) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     runs = [r for r in load_runs(root) if "large" not in r["experiment"]]
     runs = [r for r in runs if "finetune" not in r["experiment"]]
@@ -879,14 +897,12 @@ def plot_gaps(root: Path = RESULTS) -> Path | None:
         a = adamws[a_name]
         tokens = by_opt[a_name][0]["tokens"]
         for opt, b in bests.items():
-            if opt in ADAMW_PAIR or not b["losses"]:
+            if opt == a_name or not b["losses"]:
                 continue
             n = min(len(b["losses"]), len(a["losses"]))
             gap, sd = _gap_stats(b["losses"][:n], a["losses"][:n])
             done = b["complete"] and a["complete"]
-            panels.setdefault((task, model), {}).setdefault(opt, []).append(
-                (tokens, gap, sd, done)
-            )
+            panels.setdefault((task, model), {}).setdefault(opt, []).append((tokens, gap, sd, done))
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
@@ -896,18 +912,29 @@ def plot_gaps(root: Path = RESULTS) -> Path | None:
         for opt, pts in sorted(series.items()):
             pts.sort()
             color = colors[names.index(opt) % len(colors)]
-            xs = [p[0] for p in pts]
+            # optimizers side by side around each token count (a few % apart on the log axis)
+            dodge = 1.0 + 0.06 * (names.index(opt) - (len(names) - 1) / 2)
+            xs = [p[0] * dodge for p in pts]
             ax.plot(xs, [p[1] for p in pts], color=color, alpha=0.6)
-            for x, y, s, done in pts:
+            for (_, y, s, done), x in zip(pts, xs):
                 ax.errorbar(
-                    x, y, yerr=s, fmt="o", color=color, mfc=color if done else "white",
+                    x,
+                    y,
+                    yerr=s,
+                    fmt="o",
+                    color=color,
+                    mfc=color if done else "white",
                     capsize=3,
                 )
             ax.plot([], [], "o-", color=color, label=opt)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.axhline(2, color="gray", linewidth=0.8, linestyle="--")
         ax.set_xscale("log")
-        ax.set_xlabel("training tokens")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        tokens = [p[0] for pts in series.values() for p in pts]
+        ax.set_xlim(min(tokens) / 2, max(tokens) * 2)
+        ax.set_xticks(sorted(set(tokens)), [f"{t / 1e6:.2g} M" for t in sorted(set(tokens))])
+        ax.set_xlabel("training tokens (log scale)")
         ax.set_ylabel("final val loss vs best AdamW (%)")
         ax.set_title(f"{task}, {model} model (hollow: pending)")
         ax.grid(True, alpha=0.3)
@@ -942,7 +969,11 @@ def plot_large(root: Path = RESULTS) -> Path | None:
             n = min(len(x["val_loss"]) for x in h)
             ys = [statistics.fmean(x["val_loss"][i] for x in h) for i in range(n)]
             ax.plot(
-                h[0]["eval_tokens"][:n], ys, ls, marker="o", markersize=2,
+                h[0]["eval_tokens"][:n],
+                ys,
+                ls,
+                marker="o",
+                markersize=2,
                 label=f"{opt} batch {batch}, {key[4]} steps (lr {b['best_lr']:g}, "
                 f"{len(b['runs'])} seed{'s' if len(b['runs']) > 1 else ''})",
             )
@@ -957,6 +988,72 @@ def plot_large(root: Path = RESULTS) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def wall_times(root: Path = RESULTS) -> str:
+    """A markdown table: per experiment, the runs cached, tokens trained and their wall time."""
+    totals: dict[str, list[float]] = {}
+    for r in load_runs(root):
+        t = totals.setdefault(r["experiment"], [0, 0, 0.0])
+        t[0] += 1
+        t[1] += r["tokens"]
+        t[2] += r["wall_seconds"]
+    lines = [
+        "| experiment | runs cached | tokens trained | wall time of those runs |",
+        "|---|---|---|---|",
+    ]
+    for exp, (n, tokens, wall) in sorted(totals.items()):
+        lines.append(f"| {exp} | {n} | {tokens / 1e6:,.1f} M | {wall / 3600:.2f} h |")
+    return "\n".join(lines)
+
+
+def summary_tables(root: Path = RESULTS) -> str:
+    """Per setting: each optimizer's chosen lr, val loss over its seeds and gap to AdamW."""
+    out = []
+    for key, by_opt in sorted(
+        _groups(load_runs(root)).items(), key=lambda kv: kv[0][:4] + (kv[0][4],)
+    ):
+        if "pretrain" in key[0]:
+            continue
+        bests = {o: best_of(rs) for o, rs in by_opt.items()}
+        adamws = {o: b for o, b in bests.items() if o in ADAMW_PAIR and b["losses"]}
+        ref = None
+        if adamws:
+            ref = min(adamws, key=lambda o: (not adamws[o]["complete"], _mean(adamws[o]["losses"])))
+        out += [
+            f"**{key[0]}: {_setting_label(key)}** ({by_opt[next(iter(by_opt))][0]['tokens']:,} "
+            "tokens per run)",
+            "",
+            "| optimizer | best lr | val loss (seeds) | gap to " + (ref or "AdamW") + " | status |",
+            "|---|---|---|---|---|",
+        ]
+        for opt, b in sorted(
+            bests.items(), key=lambda kv: _mean(kv[1]["losses"]) if kv[1]["losses"] else math.inf
+        ):
+            m, sd = _ms(b["losses"])
+            gap = ""
+            if ref and b["losses"] and opt != ref:
+                n = min(len(b["losses"]), len(bests[ref]["losses"]))
+                g, gs = _gap_stats(b["losses"][:n], bests[ref]["losses"][:n])
+                gap = f"{g:+.2f}% ± {gs:.2f}"
+            lr = "-" if b["best_lr"] is None else f"{b['best_lr']:g}"
+            state = (
+                "complete"
+                if b["complete"]
+                else ("best on the grid's edge" if not b["interior"] else "seeds pending")
+            )
+            extra = ""
+            if b.get("runs") and "pretrain_val_loss" in b["runs"][0]:
+                pm, ps = _ms([r["pretrain_val_loss"] for r in b["runs"]])
+                extra = f"; stdlib (pretraining domain) {pm:.4f} ± {ps:.4f}"
+            if b.get("runs") and "large" in key[0]:
+                extra = f"; {sum(r['instabilities'] for r in b['runs'])} instability steps"
+            out.append(
+                f"| {opt} | {lr} | {m:.4f} ± {sd:.4f} ({len(b['losses'])}){extra} | {gap} | "
+                f"{state} |"
+            )
+        out.append("")
+    return "\n".join(out)
 
 
 def status(root: Path = RESULTS) -> str:
@@ -988,7 +1085,12 @@ def status(root: Path = RESULTS) -> str:
 # the command line
 
 EXPERIMENTS = (
-    "horizon-gpt", "size-gpt", "horizon-bert", "large-bert", "finetune-llama", "toy-search"
+    "horizon-gpt",
+    "size-gpt",
+    "horizon-bert",
+    "large-bert",
+    "finetune-llama",
+    "toy-search",
 )
 
 
@@ -1017,7 +1119,7 @@ def run_experiment(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=(*EXPERIMENTS, "all", "claims", "status"))
+    parser.add_argument("what", choices=(*EXPERIMENTS, "all", "claims", "status", "summary"))
     parser.add_argument(
         "--quick", action="store_true", help="tiny model and lengths: checks the machinery"
     )
@@ -1036,6 +1138,9 @@ def main(argv: list[str] | None = None) -> int:
         root = RESULTS / "quick"
     if args.what == "status":
         print(status(root))
+        return 0
+    if args.what == "summary":
+        print(summary_tables(root))
         return 0
     if args.what != "claims":
         import torch
@@ -1060,7 +1165,11 @@ def main(argv: list[str] | None = None) -> int:
         "# Evidence study: cached runs per setting\n\nWritten by `python benchmarks/evidence.py "
         "claims` (and after every experiment) from `runs/`. Seed-0 grid, the lr chosen (3-seed "
         "mean where seeds ran), and the wall time of all runs of the row on the shared "
-        "2-core machine.\n\n" + status(root) + "\n\n## Verdicts (claims.json)\n\n"
+        "2-core machine.\n\n"
+        + wall_times(root)
+        + "\n\n"
+        + status(root)
+        + "\n\n## Verdicts (claims.json)\n\n"
         "| claim | experiment | verdict | evidence |\n|---|---|---|---|\n"
         + "".join(
             f"| {v['claim']} | {v['experiment']} | {v['verdict']} | {v['evidence']} |\n"

@@ -224,3 +224,47 @@ def test_cache_key_depends_on_every_hyperparameter(tmp_path):
     assert a != study.run_path(s, "came", {**hyper, "weight_decay": 0.01}, 0)
     assert a != study.run_path(s, "came", hyper, 1)
     assert a != study.run_path(ev.Setting("x", "gpt", "quick", 11, 4), "came", hyper, 0)
+
+
+def _swept(exp, opt, batch, steps, loss_at_best, extra=None):
+    """A complete sweep's cached runs: 3 grid values (best in the middle) + 2 more seeds."""
+    runs = []
+    for lr, seed, loss in ((1, 0, 9.0), (2, 0, loss_at_best), (5, 0, 9.0), (2, 1, loss_at_best),
+                           (2, 2, loss_at_best)):
+        runs.append({
+            "experiment": exp,
+            "setting": {"task": "bert", "model": "demo", "batch_size": batch, "steps": steps},
+            "optimizer": opt, "hyper": {"lr": lr}, "seed": seed, "final_val_loss": loss,
+            "diverged": False, **(extra or {}),
+        })
+    return runs
+
+
+def test_large_batch_verdict_uses_losses_and_instabilities():
+    def study(came_loss, came_spikes):
+        runs = []
+        for opt, loss, spikes in (("came", came_loss, came_spikes), ("adamw", 3.0, 1),
+                                  ("lamb", 3.1, 0)):
+            runs += _swept("large-bert", opt, 128, 150, loss, {"instabilities": spikes})
+            runs += _swept("large-bert", opt, 16, 1200, loss, {"instabilities": 0})
+        return [v for v in ev.verdicts(runs) if "large batch" in v["claim"]]
+
+    (v,) = study(2.9, 0)
+    assert v["verdict"] == "reproduced" and "8x the base batch" in v["claim"]
+    assert "Batch 16 at the same tokens: adamw 3.0000, came 2.9000, lamb 3.1000" in v["evidence"]
+    (v,) = study(3.5, 0)
+    assert v["verdict"] == "not reproduced"
+    (v,) = study(2.9, 5)  # better loss but more instability steps than LAMB: not settled
+    assert v["verdict"] == "unclear"
+    runs = _swept("large-bert", "came", 128, 150, 2.9, {"instabilities": 0})
+    runs += _swept("large-bert", "came", 16, 1200, 2.9, {"instabilities": 0})
+    (v,) = [v for v in ev.verdicts(runs) if "large batch" in v["claim"]]
+    assert v["evidence"].startswith("pending") and "adamw" in v["evidence"]
+
+
+def test_finetune_verdict_reports_both_domains():
+    runs = _swept("finetune-llama", "came", 16, 300, 1.31, {"pretrain_val_loss": 2.1})
+    runs += _swept("finetune-llama", "adamw", 16, 300, 1.30, {"pretrain_val_loss": 2.0})
+    (v,) = ev.verdicts(runs)
+    assert v["verdict"] == "reproduced"
+    assert "came 1.3100 vs adamw 1.3000" in v["evidence"] and "came 2.1000" in v["evidence"]
