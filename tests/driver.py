@@ -181,3 +181,46 @@ def assert_raises_untouched(optimizer, params, action: Callable[[], object], exc
         action()
     assert_same_values(snapshot(optimizer, params), before, "after the error")
     return info.value
+
+
+# ------------------------------------------------------------------ distributed launches
+
+
+def free_port() -> int:
+    """A TCP port the OS says is free (for a gloo rendezvous on 127.0.0.1)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(script: str, world: int, args: list[str], timeout: float,
+                 env: dict[str, str] | None = None, unset: tuple[str, ...] = ()) -> list[str]:
+    """Run ``script`` as ``world`` OS processes (``--rank R --world-size W --port P`` plus
+    ``args``), one thread each, with ``env`` added to this process's environment and the
+    ``unset`` variables removed; wait for all and assert every rank exited cleanly (the
+    failing ranks' logs in the message). Returns each rank's output."""
+    import os
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
+    for name in unset:
+        env.pop(name, None)
+    procs = [subprocess.Popen([sys.executable, script, "--rank", str(r), "--world-size",
+                               str(world), "--port", str(port), *args],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for r in range(world)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
+    assert not failed, f"ranks failed {failed}:\n" + "\n".join(logs)[-6000:]
+    return logs

@@ -22,19 +22,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from driver import launch_ranks
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_distributed import (  # noqa: E402 - the shared model, data and reference run
     HYPER,
     STEPS,
     _count_all_reduces,
-    _free_port,
     assert_close_rel,
     local_batch,
     loss_fn,
@@ -105,27 +104,7 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("accelerate_fsdp2")
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env.pop("ACCELERATE_USE_FSDP", None)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--rank", str(r), "--world-size", "2", "--port",
-             str(port), "--out", str(out)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for r in range(2)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
-    assert not failed, f"ranks failed {failed}:\n" + "\n".join(logs)[-6000:]
+    launch_ranks(__file__, 2, ["--out", str(out)], TIMEOUT, unset=("ACCELERATE_USE_FSDP",))
     return torch.load(out / "accelerate_fsdp2.pt", weights_only=False)
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 from cases import param_tol
-from driver import assign, train
+from driver import assign, launch_ranks, train
 from torch import nn
 
 pytestmark = pytest.mark.distributed
@@ -667,34 +666,9 @@ def worker(rank: int, world: int, port: int, out: Path, mode: str) -> None:
 # ---------------------------------------------------------------------------------- launch
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(world: int, out: Path, mode: str = "main") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--rank", str(r), "--world-size", str(world),
-             "--port", str(port), "--out", str(out), "--mode", mode],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for r in range(world)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
-    assert not failed, f"ranks failed {failed}:\n" + "\n".join(logs)[-6000:]
+    launch_ranks(__file__, world, ["--out", str(out), "--mode", mode], TIMEOUT)
 
 
 @pytest.fixture(scope="module")

@@ -35,14 +35,12 @@ import argparse
 import importlib.util
 import json
 import os
-import socket
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from driver import launch_ranks
 from torch import nn
 
 torchtitan = pytest.importorskip(
@@ -483,34 +481,9 @@ def worker(rank: int, world: int, tp: int, port: int, out: Path, mode: str) -> N
 # ---------------------------------------------------------------------------------- launch
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(world: int, tp: int, out: Path, mode: str) -> None:
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--rank", str(r), "--world-size", str(world),
-             "--tp", str(tp), "--port", str(port), "--out", str(out), "--mode", mode],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for r in range(world)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
-    assert not failed, f"ranks failed {failed}:\n" + "\n".join(logs)[-6000:]
+    launch_ranks(__file__, world, ["--tp", str(tp), "--out", str(out), "--mode", mode],
+                 TIMEOUT, env={"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"})
 
 
 @pytest.fixture(scope="module")
