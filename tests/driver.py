@@ -224,3 +224,17 @@ def launch_ranks(script: str, world: int, args: list[str], timeout: float,
     failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
     assert not failed, f"ranks failed {failed}:\n" + "\n".join(logs)[-6000:]
     return logs
+
+
+def rank_parser():
+    """The command line of a rank started by :func:`launch_ranks` (``--rank``,
+    ``--world-size``, ``--port``, ``--out``); a script adds its own arguments to it."""
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    return parser

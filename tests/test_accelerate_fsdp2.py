@@ -20,14 +20,13 @@ Worker: ``python tests/test_accelerate_fsdp2.py --rank R --world-size W --port P
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from driver import launch_ranks
+from driver import launch_ranks, rank_parser
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_distributed import (  # noqa: E402 - the shared model, data and reference run
@@ -131,10 +130,6 @@ def test_accelerate_fsdp2_save_state_resumes_exactly(run) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--world-size", type=int, required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser = rank_parser()
     args = parser.parse_args()
     worker(args.rank, args.world_size, args.port, args.out)

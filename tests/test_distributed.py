@@ -20,7 +20,6 @@ script (``python tests/test_distributed.py --rank R --world-size W --port P --ou
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import subprocess
@@ -30,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 from cases import param_tol
-from driver import assign, launch_ranks, train
+from driver import assign, launch_ranks, rank_parser, train
 from torch import nn
 
 pytestmark = pytest.mark.distributed
@@ -906,11 +905,7 @@ def test_gpt_fsdp_recipe_torchrun(tmp_path):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--world-size", type=int, required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser = rank_parser()
     parser.add_argument("--mode", default="main")
     a = parser.parse_args()
     worker(a.rank, a.world_size, a.port, a.out, a.mode)

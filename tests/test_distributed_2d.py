@@ -19,14 +19,13 @@ in the 1-D tests (test_distributed.py), loose after 12 steps.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from driver import launch_ranks
+from driver import launch_ranks, rank_parser
 
 pytestmark = pytest.mark.distributed
 
@@ -316,11 +315,7 @@ def test_dcp_2x2_to_4x1_and_to_one_process_bitwise(run, tmp_path):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--world-size", type=int, required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser = rank_parser()
     a = parser.parse_args()
     worker(a.rank, a.world_size, a.port, a.out)
     sys.stdout.flush()
