@@ -2,14 +2,23 @@
 
 For each named parameter set (:mod:`.shapes`), every candidate optimizer gets its own state
 over the *same* parameters and gradients. After warm-up, candidates are stepped in turn,
-round after round (the order rotates each round), and a plain copy of a large buffer is
-timed in every round too. Reported per candidate:
+round after round (the order rotates each round), and two bandwidth probes over as many
+elements as the parameter set are timed in every round too (:data:`PROBES`). Reported per
+candidate:
 
 * ``median_step_s``: median step time over rounds;
 * ``ratio_to_adamw_fused``: median over rounds of (step time / fused AdamW's step time in the
   same round) -- robust to a shared, noisy machine, since both run under the same load;
 * ``floor_s`` and ``ratio_to_floor``: the bytes the algorithm must move per step (its minimal
-  pass schedule, below) divided by the copy bandwidth measured in the same rounds;
+  pass schedule, below) divided by the machine's attainable bandwidth, and the step time
+  over that floor (>= 1 unless the floor is wrong). The attainable bandwidth is the best
+  rate seen in the same rounds: the probes (an in-place triad ``a += s * b``, 12 bytes per
+  element with no write-allocate reads, and a read-only sum, 4 bytes per element), and every
+  candidate's own achieved rate (its floor bytes over its median time): a step that moved
+  its bytes at some rate proves the machine can. ``bandwidth_source`` names which set it.
+  A plain ``copy_`` is not used: its destination is read for ownership before it is written,
+  so its nominal 8 bytes per element under-count the traffic and the floor came out too low
+  (steps ran at 0.6-0.8x of it);
 * ``state_bytes``: optimizer state (tensors with ``dim > 0``; step counters excluded);
 * ``extra_step_bytes``: peak bytes of tensors allocated during ``step()`` beyond params,
   grads and state (:func:`torchcame.memory.measure_step_memory`; on CPU a dispatch-level
@@ -40,7 +49,8 @@ import torch
 from .shapes import describe, param_shapes
 from .timing import interleaved_times, median_ratios, timed
 
-__all__ = ["Candidate", "candidates", "run_set", "run_bench", "format_table", "BYTES_PER_ELEMENT"]
+__all__ = ["Candidate", "candidates", "run_set", "run_bench", "format_table", "BYTES_PER_ELEMENT",
+           "PROBES", "attainable_bandwidth"]
 
 #: Bytes per element each algorithm must move per step: (factored tensors, other tensors).
 BYTES_PER_ELEMENT = {
@@ -48,6 +58,20 @@ BYTES_PER_ELEMENT = {
     "came": (32, 36),
     "adafactor": (20, 28),
 }
+
+
+#: Bandwidth probes timed in every round: name -> (bytes moved per element, make(a, b) -> step).
+#: Both are multi-threaded torch kernels over float32 buffers of the parameter set's size.
+PROBES: dict[str, tuple[int, Callable[[torch.Tensor, torch.Tensor], Callable[[], Any]]]] = {
+    "triad (a += s*b)": (12, lambda a, b: lambda: a.add_(b, alpha=1e-6)),
+    "read (sum a)": (4, lambda a, b: lambda: a.sum()),
+}
+
+
+def attainable_bandwidth(rates: dict[str, float]) -> tuple[float, str]:
+    """The highest achieved rate (bytes/s) among probes and candidates, and whose it is."""
+    source = max(rates, key=lambda name: rates[name])
+    return rates[source], source
 
 
 @dataclass
@@ -176,11 +200,12 @@ def run_set(
         raise ValueError("the benchmark needs the 'AdamW fused' candidate as its yardstick")
 
     numel = sum(p.numel() for p in params)
-    copy_src = torch.randn(max(numel, 1 << 24), device=device)
-    copy_dst = torch.empty_like(copy_src)
-    copy_bytes = 2 * copy_src.numel() * copy_src.element_size()
+    probe_a = torch.randn(max(numel, 1 << 22), device=device)
+    probe_b = torch.randn_like(probe_a)
+    probes = {name: (bpe * probe_a.numel(), make(probe_a, probe_b))
+              for name, (bpe, make) in PROBES.items()}
 
-    bar = _progress(total=len(cands) * (warmup + 2) + rounds * (len(cands) + 1),
+    bar = _progress(total=len(cands) * (warmup + 2) + rounds * (len(cands) + len(probes)),
                     desc=set_name, enabled=progress)
     opts: dict[str, torch.optim.Optimizer] = {}
     first: dict[str, float] = {}
@@ -204,19 +229,22 @@ def run_set(
         bar.update(1)
 
     steps = {c.name: opts[c.name].step for c in cands}
-    steps["copy"] = lambda: copy_dst.copy_(copy_src)
+    for name, (_, probe) in probes.items():
+        steps[name] = probe
     times = interleaved_times(steps, rounds, device, on_step=lambda: bar.update(1))
     bar.close()
 
-    copy_s = statistics.median(times["copy"])
-    bandwidth = copy_bytes / copy_s
     element_size = params[0].element_size()
+    floors = {c.name: _floor_bytes(shapes, c.algorithm, element_size) for c in cands}
+    rates = {name: nbytes / statistics.median(times[name]) for name, (nbytes, _) in probes.items()}
+    rates.update({c.name: floors[c.name] / statistics.median(times[c.name]) for c in cands})
+    bandwidth, bandwidth_source = attainable_bandwidth(rates)
     ratios = median_ratios(times, "AdamW fused")
     adamw_state = _state_bytes(opts["AdamW fused"])
     rows = []
     for cand in cands:
         t = times[cand.name]
-        floor_bytes = _floor_bytes(shapes, cand.algorithm, element_size)
+        floor_bytes = floors[cand.name]
         floor_s = floor_bytes / bandwidth
         state = _state_bytes(opts[cand.name])
         extra, method = memory[cand.name]
@@ -228,6 +256,7 @@ def run_set(
             "floor_bytes": floor_bytes,
             "floor_s": floor_s,
             "ratio_to_floor": statistics.median(t) / floor_s,
+            "achieved_GBps": rates[cand.name] / 1e9,
             "state_bytes": state,
             "state_ratio_to_adamw": state / adamw_state if adamw_state else None,
             "extra_step_bytes": extra,
@@ -240,8 +269,10 @@ def run_set(
         "set": set_name,
         "shapes": describe(shapes),
         "param_bytes": numel * element_size,
-        "copy_bandwidth_GBps": bandwidth / 1e9,
-        "copy_times_s": times["copy"],
+        "bandwidth_GBps": bandwidth / 1e9,
+        "bandwidth_source": bandwidth_source,
+        "probe_GBps": {name: rates[name] / 1e9 for name in probes},
+        "probe_times_s": {name: times[name] for name in probes},
         "rounds": rounds,
         "warmup": warmup,
         "results": rows,
@@ -305,19 +336,21 @@ def format_table(report: dict[str, Any]) -> str:
     for s in report["sets"]:
         lines.append(
             f"### {s['set']} ({s['shapes']['parameters'] / 1e6:.1f}M params, "
-            f"{s['shapes']['tensors']} tensors; copy bandwidth "
-            f"{s['copy_bandwidth_GBps']:.1f} GB/s; {s['rounds']} rounds)"
+            f"{s['shapes']['tensors']} tensors; attainable bandwidth "
+            f"{s['bandwidth_GBps']:.1f} GB/s ({s['bandwidth_source']}; "
+            + ", ".join(f"{k} {v:.1f}" for k, v in s["probe_GBps"].items())
+            + f"); {s['rounds']} rounds)"
         )
         lines.append("")
-        lines.append("| optimizer | step ms (median) | × fused AdamW | × bandwidth floor | "
+        lines.append("| optimizer | step ms (median) | × fused AdamW | × bandwidth floor | GB/s | "
                      "state MiB | state × AdamW | extra step MiB | first step s |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in s["results"]:
             state_ratio = r["state_ratio_to_adamw"]
             lines.append(
                 f"| {r['name']} | {1e3 * r['median_step_s']:,.1f} | "
                 f"{r['ratio_to_adamw_fused']:.2f} | {r['ratio_to_floor']:.2f} | "
-                f"{_mib(r['state_bytes'])} | "
+                f"{r['achieved_GBps']:.1f} | {_mib(r['state_bytes'])} | "
                 f"{'' if state_ratio is None else f'{state_ratio:.2f}'} | "
                 f"{'n/a' if r['extra_step_bytes'] is None else _mib(r['extra_step_bytes'])} | "
                 f"{r['first_step_s']:.2f} |"
