@@ -25,7 +25,8 @@ def test_floor_bytes_follow_the_pass_schedule():
     shapes = [(10, 20), (5,)]
     assert _floor_bytes(shapes, "adamw", 4) == 28 * 205
     assert _floor_bytes(shapes, "came", 4) == 32 * 200 + 36 * 5
-    assert set(BYTES_PER_ELEMENT) == {"adamw", "came", "adafactor"}
+    assert _floor_bytes(shapes, "adamw8bit", 4) == 16 * 205
+    assert set(BYTES_PER_ELEMENT) == {"adamw", "adamw8bit", "came", "adafactor"}
 
 
 def test_run_set_tiny_reports_every_candidate():
@@ -74,6 +75,28 @@ def test_candidates_include_peers():
     for expected in ["CAME fused", "CAME foreach", "CAME reference", "came-pytorch",
                      "AdamW fused", "AdamW foreach", "Adafactor foreach"]:
         assert expected in names
+
+
+def test_torchao_adamw8bit_joins_when_installed(monkeypatch):
+    import sys
+    import types
+
+    import torch
+
+    names = [c.name for c in candidates(torch.device("cpu"))]
+    assert ("AdamW 8-bit (torchao)" in names) == (
+        __import__("importlib").util.find_spec("torchao") is not None)
+    fake_optim = types.ModuleType("torchao.optim")
+
+    class AdamW8bit(torch.optim.AdamW):
+        pass
+
+    fake_optim.AdamW8bit = AdamW8bit
+    monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
+    monkeypatch.setitem(sys.modules, "torchao.optim", fake_optim)
+    (cand,) = [c for c in candidates(torch.device("cpu")) if c.name == "AdamW 8-bit (torchao)"]
+    assert cand.algorithm == "adamw8bit" and BYTES_PER_ELEMENT["adamw8bit"] == (16, 16)
+    assert isinstance(cand.make([torch.nn.Parameter(torch.zeros(2))]), AdamW8bit)
 
 
 def test_cli_quick_writes_json(tmp_path, capsys):

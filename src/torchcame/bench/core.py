@@ -55,6 +55,9 @@ __all__ = ["Candidate", "candidates", "run_set", "run_bench", "format_table", "B
 #: Bytes per element each algorithm must move per step: (factored tensors, other tensors).
 BYTES_PER_ELEMENT = {
     "adamw": (28, 28),
+    # 8-bit m and v (torchao): read g, read+write p (float32), read+write both 1-byte states;
+    # the per-block scales are negligible
+    "adamw8bit": (16, 16),
     "came": (32, 36),
     "adafactor": (20, 28),
 }
@@ -115,11 +118,27 @@ def candidates(device: torch.device, with_compile: bool = False) -> list[Candida
         Candidate("AdamW foreach", "adamw",
                   lambda ps: torch.optim.AdamW(ps, lr=lr, foreach=True), "torch.optim"),
     ]
+    adamw8bit = _torchao_adamw8bit()
+    if adamw8bit is not None:
+        out.append(Candidate("AdamW 8-bit (torchao)", "adamw8bit",
+                             lambda ps: adamw8bit(ps, lr=lr), "torchao.optim.AdamW8bit"))
     if hasattr(torch.optim, "Adafactor"):
         out.append(Candidate("Adafactor foreach", "adafactor",
                              lambda ps: torch.optim.Adafactor(ps, lr=lr, foreach=True),
                              "torch.optim (no momentum)"))
     return out
+
+
+def _torchao_adamw8bit() -> type | None:
+    """torchao's 8-bit AdamW (block-wise quantized m and v) when torchao is installed."""
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError:
+        try:  # torchao before 0.11
+            from torchao.prototype.low_bit_optim import AdamW8bit
+        except ImportError:
+            return None
+    return AdamW8bit
 
 
 def _compiled_came(lr: float) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
