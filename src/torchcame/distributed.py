@@ -39,6 +39,7 @@ quantization blocks on every rank (only dim 0 sharded; see :func:`_check_quantiz
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Iterator, Sequence
@@ -111,7 +112,9 @@ def _layout(param: Tensor, layout: StateLayout | None = None) -> ShardLayout:
     return shard_layout(param)
 
 
+@functools.cache
 def _dtensor_cls() -> type | None:
+    """The DTensor class, imported once (``is_dtensor`` runs for every tensor of every step)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without distributed

@@ -232,9 +232,9 @@ def _kernel_tensors(param: Tensor, grad: Tensor, state: dict, layout: StateLayou
                                              "exp_avg_res_row", "exp_avg_res_col")]
     else:
         statistics = [state["exp_avg_sq"]]
-    if not all(t.device.type == "cpu" and t.is_contiguous() for t in (param, exp_avg,
-                                                                       *statistics)):
-        return None  # written in place: the kernel needs them contiguous
+    for t in (param, exp_avg, *statistics):  # a loop, not all(genexpr): every step, every tensor
+        if not t.is_contiguous() or t.device.type != "cpu":
+            return None  # written in place: the kernel needs them contiguous
     # a non-contiguous gradient (channels_last, transposed) is read from a contiguous copy
     return (param, grad.contiguous(), exp_avg, *statistics)
 
