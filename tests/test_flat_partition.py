@@ -219,53 +219,58 @@ def _place(target: dict, key: str, full: torch.Tensor, index, value: torch.Tenso
     view[index] = value.float()
 
 
-def rebuild(ranks: list[list[list[dict]]], ref_params, ref_states, momentum: str):
-    """Full parameters and state (float32, int8 momentum dequantized) from every rank's
-    pieces, and the reference's, keyed alike."""
+def rank_pieces(results: list[list[dict]]) -> list[tuple]:
+    """``(parameter index, start, stop, values, state)`` of every piece of every rank."""
+    groups = [list(range(len(MATRICES))), list(range(len(MATRICES), len(MATRICES + VECTORS)))]
+    return [(groups[g][entry["piece"][0]], *entry["piece"][1:], entry["param"], entry["state"])
+            for rank in results for g, pieces in enumerate(rank) for entry in pieces]
+
+
+def rebuild(pieces: list[tuple], ref_params: dict, ref_states: dict, block: int = BLOCK):
+    """Full parameters and state (float32, int8 momentum dequantized) from ``pieces``
+    (``(key, start, stop, values, state)`` of every rank), and the reference's
+    (``ref_params`` / ``ref_states`` by the same keys), as ``{"key.name": tensor}`` dicts.
+    Every element must be held by some rank; a statistic two ranks hold must be bitwise
+    equal on both."""
     from torchcame.lowbit import dequantize_blockwise
 
+    if isinstance(ref_params, list):
+        ref_params, ref_states = dict(enumerate(ref_params)), dict(enumerate(ref_states))
     got, ref = {}, {}
-    groups = [list(range(len(MATRICES))), list(range(len(MATRICES), len(ref_params)))]
-    for rank_pieces in ranks:
-        for g, pieces in enumerate(rank_pieces):
-            for entry in pieces:
-                j, start, stop = entry["piece"]
-                index = groups[g][j]
-                param, state = ref_params[index], ref_states[index]
-                flat = slice(start, stop)
-                _place(got, f"{index}.param", param.reshape(-1), flat, entry["param"])
-                st = entry["state"]
-                assert st["piece"] == (j, start, stop)
-                whole = start == 0 and stop == param.numel()
-                for key, value in st.items():
-                    if key in ("step", "piece", "exp_avg_absmax"):
-                        continue
-                    if key == "exp_avg" and value.dtype == torch.int8:
-                        offset = 0 if whole else start % BLOCK
-                        value = dequantize_blockwise(value, st["exp_avg_absmax"], BLOCK, offset)
-                    if whole or key in ("exp_avg", "exp_avg_sq"):
-                        _place(got, f"{index}.{key}", state[key].reshape(-1),
-                               flat if not whole else slice(None), value.reshape(-1))
-                        continue
-                    row0, row1, mat0, mat1 = _rows(param.shape, start, stop)
-                    if key.endswith("_row"):
-                        _place(got, f"{index}.{key}", state[key].reshape(-1), slice(row0, row1),
-                               value)
-                    else:
-                        _place(got, f"{index}.{key}", state[key].reshape(-1, param.shape[-1]),
-                               slice(mat0, mat1), value)
-    for index, (param, state) in enumerate(zip(ref_params, ref_states)):
-        ref[f"{index}.param"] = param.reshape(-1).float()
-        for key, value in state.items():
-            if key in ("step", "exp_avg_absmax"):
+    for key, start, stop, values, st in pieces:
+        param, state = ref_params[key], ref_states[key]
+        flat = slice(start, stop)
+        _place(got, f"{key}.param", param.reshape(-1), flat, values)
+        whole = start == 0 and stop == param.numel()
+        for name, value in st.items():
+            if name in ("step", "piece", "exp_avg_absmax"):
                 continue
-            if key == "exp_avg" and value.dtype == torch.int8:
-                value = dequantize_blockwise(value, state["exp_avg_absmax"], BLOCK)
-            ref[f"{index}.{key}"] = (value.reshape(-1, param.shape[-1]) if key.endswith("_col")
-                                     and param.dim() >= 2 else value.reshape(-1)).float()
-    for key, value in got.items():
-        assert not value.isnan().any(), f"{key}: not every element is held by some rank"
-        got[key] = value.reshape(ref[key].shape)
+            if name == "exp_avg" and value.dtype == torch.int8:
+                offset = 0 if whole else start % block
+                value = dequantize_blockwise(value, st["exp_avg_absmax"], block, offset)
+            if whole or name in ("exp_avg", "exp_avg_sq"):
+                _place(got, f"{key}.{name}", state[name].reshape(-1),
+                       flat if not whole else slice(None), value.reshape(-1))
+                continue
+            row0, row1, mat0, mat1 = _rows(param.shape, start, stop)
+            if name.endswith("_row"):
+                _place(got, f"{key}.{name}", state[name].reshape(-1), slice(row0, row1), value)
+            else:
+                _place(got, f"{key}.{name}", state[name].reshape(-1, param.shape[-1]),
+                       slice(mat0, mat1), value)
+    for key, param in ref_params.items():
+        state = ref_states[key]
+        ref[f"{key}.param"] = param.reshape(-1).float()
+        for name, value in state.items():
+            if name in ("step", "exp_avg_absmax"):
+                continue
+            if name == "exp_avg" and value.dtype == torch.int8:
+                value = dequantize_blockwise(value, state["exp_avg_absmax"], block)
+            ref[f"{key}.{name}"] = (value.reshape(-1, param.shape[-1]) if name.endswith("_col")
+                                    and param.dim() >= 2 else value.reshape(-1)).float()
+    for name, value in got.items():
+        assert not value.isnan().any(), f"{name}: not every element is held by some rank"
+        got[name] = value.reshape(ref[name].shape)
     assert got.keys() == ref.keys()
     return got, ref
 
@@ -294,7 +299,7 @@ def runs(tmp_path_factory) -> dict[int, list[dict]]:
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_float32_equals_single_process(runs, world, layout):
     ranks = [r[(layout, "float32")]["final"] for r in runs[world]]
-    got, ref = rebuild(ranks, *reference(torch.float32, STEPS), "float32")
+    got, ref = rebuild(rank_pieces(ranks), *reference(torch.float32, STEPS))
     assert_close_rel(got, ref)
     # one all-reduce per phase for all parameters of both groups (a phase that has nothing
     # to reduce issues nothing: at 2 ranks per_parameter cuts only... every layout here
@@ -311,14 +316,14 @@ def test_low_bit_momentum_equals_single_process(runs, world, layout, momentum):
     one step everything but the stored momentum within 1e-5 and the momentum within one
     rounding; after 8 steps within 1e-2 (CAME amplifies a flipped rounding)."""
     ranks = [r[(layout, momentum)]["early"] for r in runs[world]]
-    got, ref = rebuild(ranks, *reference(MOMENTA[momentum], EARLY), momentum)
+    got, ref = rebuild(rank_pieces(ranks), *reference(MOMENTA[momentum], EARLY))
     assert_close_rel(got, ref, skip=(".exp_avg",))
     for key in (k for k in ref if k.endswith(".exp_avg")):
         scale = ref[key].abs().max()
         limit = 2**-8 * ref[key].abs() if momentum == "bfloat16" else scale / 127
         assert ((got[key] - ref[key]).abs() <= limit + 1e-30).all(), key
     ranks = [r[(layout, momentum)]["final"] for r in runs[world]]
-    got, ref = rebuild(ranks, *reference(MOMENTA[momentum], STEPS), momentum)
+    got, ref = rebuild(rank_pieces(ranks), *reference(MOMENTA[momentum], STEPS))
     assert_close_rel({k: v for k, v in got.items() if k.endswith(".param")},
                      {k: v for k, v in ref.items() if k.endswith(".param")}, rtol=1e-2)
     counts = runs[world][0][(layout, momentum)]["counts"]
@@ -340,7 +345,7 @@ def test_int8_codes_are_stored_per_piece(runs, world):
 def test_bias_correction_and_maximize(runs, world):
     ranks = [r["bias_correction"]["final"] for r in runs[world]]
     ref = reference(torch.float32, STEPS, bias_correction=True, maximize=True)
-    got, ref = rebuild(ranks, *ref, "float32")
+    got, ref = rebuild(rank_pieces(ranks), *ref)
     assert_close_rel(got, ref)
 
 
