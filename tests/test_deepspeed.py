@@ -184,8 +184,10 @@ def _snapshot(engine, optimizer) -> dict:
                            flat.detach()[piece.offset : piece.offset + piece.numel].clone(),
                            {k: v.clone() if isinstance(v, torch.Tensor) else v
                             for k, v in state.items()}))
-    params = {n: safe_get_full_fp32_param(p).detach().clone()
-              for n, p in engine.module.named_parameters()}
+    params = {}
+    for n, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)  # None without ZeRO: the parameter itself
+        params[n] = (p if full is None else full).detach().float().clone()
     return {"pieces": pieces, "params": params, "state_bytes": optimizer_state_bytes(optimizer)}
 
 
@@ -247,6 +249,8 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
 
     try:
         results = {"version": deepspeed.__version__}
+        results[("fp32", 0)] = _scenario_parity(rank, 0)  # no ZeRO: CAME gets the parameters
+        results[("bf16", 0)] = _scenario_parity(rank, 0, bf16=True)  # FP16_Optimizer, whole
         for stage in STAGES:
             results[("fp32", stage)] = _scenario_parity(rank, stage)
             results[("bf16", stage)] = _scenario_parity(rank, stage, bf16=True)
@@ -402,6 +406,23 @@ def _assert_pieces_equal(got: list, want: list) -> None:
                 assert value.dtype == a[4][key].dtype and torch.equal(a[4][key], value), key
             else:
                 assert a[4][key] == value, key
+
+
+def test_without_zero(runs):
+    """Stage 0: DeepSpeed hands CAME the model's parameters (fp32) or per-parameter fp32
+    copies (bf16, ``FP16_UnfusedOptimizer``): whole tensors, nothing to attach, and the plain
+    step; the bf16 model's weights are the bf16 roundings of one process's masters."""
+    ref_params, _, _ = reference(STEPS)
+    for r in runs:
+        got = r[("fp32", 0)]
+        assert got["zero"] == "CAME" and not got["pieces"] and got["counts"] == [0] * STEPS
+        assert_close_rel(got["params"], ref_params)
+    ref_params, _, _ = reference(STEPS, bf16=True)
+    for r in runs:
+        got = r[("bf16", 0)]
+        assert got["zero"] == "FP16_UnfusedOptimizer" and not got["pieces"]
+        assert_close_rel(got["params"], {n: p.bfloat16().float() for n, p in ref_params.items()},
+                         rtol=1e-2)
 
 
 def test_plain_deepspeed_initialize_raises_naming_the_helper(runs):

@@ -392,6 +392,114 @@ def test_lowbit_slices_quantize_like_the_whole():
     assert torch.equal(back, dequantize_blockwise(codes, absmax, BLOCK)[start:stop])
 
 
+# ----------------------------------------------- single-process checks (no process group)
+
+
+def _fresh(layout: str = "contiguous", rank: int = 0, world: int = 2, **options):
+    """A CAME over rank ``rank``'s matrices flat partition, state allocated (no collective)."""
+    from torchcame import CAME
+
+    (part,) = partitions(layout, rank, world)[:1]
+    flat = scatter(part, full_params()[: len(MATRICES)]).requires_grad_()
+    optim = CAME([{"params": [flat], **options}], **HYPER)
+    optim.attach_flat_partitions({flat: part})
+    return optim, flat, part
+
+
+def test_state_layout_per_piece():
+    """Whole pieces keep the parameter's state shapes; a divided one its local rows, its
+    matrices' columns and the momentum of its own elements."""
+    optim, flat, part = _fresh()
+    optim.init_state()
+    pieces = optim.state[flat]["pieces"]
+    assert [p["piece"] for p in pieces] == [(q.index, q.start, q.stop) for q in part.pieces]
+    for piece, state in zip(part.pieces, pieces):
+        shape = MATRICES[piece.index]
+        assert state["exp_avg"].numel() == piece.numel and float(state["step"]) == 0
+        if piece.start == 0 and piece.stop == math.prod(shape):
+            assert state["exp_avg"].shape == shape
+            assert state["exp_avg_sq_col"].shape == (*shape[:-2], shape[-1])
+            continue
+        row0, row1, mat0, mat1 = _rows(shape, piece.start, piece.stop)
+        assert state["exp_avg_sq_row"].shape == (row1 - row0,)
+        assert state["exp_avg_sq_col"].shape == (mat1 - mat0, shape[-1])
+
+
+def test_checkpoint_loads_only_into_its_partitioning():
+    from driver import assert_raises_untouched
+
+    optim, flat, _ = _fresh()
+    optim.init_state()
+    saved = optim.state_dict()
+    again, flat2, _ = _fresh()
+    again.load_state_dict(saved)
+    for a, b in zip(again.state[flat2]["pieces"], optim.state[flat]["pieces"]):
+        assert a.keys() == b.keys() and all(
+            torch.equal(a[k], b[k]) if isinstance(b[k], torch.Tensor) else a[k] == b[k]
+            for k in b)
+    other, flat3, _ = _fresh("contiguous", rank=0, world=3)
+    other_saved = other.state_dict()
+    other.init_state()
+    saved_other = other.state_dict()
+    target, flat4, _ = _fresh()
+    assert_raises_untouched(target, [flat4], lambda: target.load_state_dict(saved_other),
+                            ValueError, "another ZeRO partitioning")
+    assert other_saved["state"] == {}
+    int8, flat5, _ = _fresh(momentum_dtype="int8", quantization_block_size=BLOCK,
+                            min_quantized_numel=0)
+    assert_raises_untouched(int8, [flat5], lambda: int8.load_state_dict(saved), ValueError,
+                            "momentum 'float32'")
+
+
+def test_layout_options_fixed_once_state_exists():
+    optim, flat, _ = _fresh()
+    optim.init_state()
+    optim.param_groups[0]["momentum_dtype"] = "bfloat16"
+    flat.grad = torch.zeros_like(flat)
+    with pytest.raises(ValueError, match="momentum_dtype changed from 'float32' to 'bfloat16'"):
+        optim.step()
+
+
+def test_divided_parameter_refuses_moved_factor_dims():
+    """factor_dims='largest' factors a (9, 2, 5) tensor over dims (0, 2): a rank's slice of
+    its row-major flattening is then no run of rows, so dividing it is refused (no state)."""
+    from torchcame import CAME
+    from torchcame.flat_partition import FlatPartition
+
+    part = FlatPartition.contiguous([(9, 2, 5)], [0], 45, 0, 2)
+    flat = torch.zeros(45, requires_grad=True)
+    optim = CAME([flat], lr=1e-3, factor_dims="largest")
+    optim.attach_flat_partitions({flat: part})
+    flat.grad = torch.zeros_like(flat)
+    with pytest.raises(NotImplementedError, match="factor_dims='last_two'"):
+        optim.step()
+    assert not optim.state
+
+
+def test_attach_and_partition_errors():
+    from torchcame import CAME
+    from torchcame.flat_partition import FlatParam, FlatPartition, FlatPiece
+
+    (part,) = partitions("contiguous", 0, 2)[:1]
+    flat = torch.zeros(part.numel)
+    optim = CAME([flat], lr=1e-3)
+    with pytest.raises(ValueError, match="partition map of"):
+        optim.attach_flat_partitions({torch.zeros(part.numel + 1): part})
+    with pytest.raises(TypeError, match="FlatPartition"):
+        optim.attach_flat_partitions({flat: object()})
+    with pytest.raises(TypeError, match="1-D"):
+        optim.attach_flat_partitions({torch.zeros(2, 2): part})
+    with pytest.raises(ValueError, match="overlap"):
+        FlatPartition(4, (FlatParam((2,)), FlatParam((2,))),
+                      (FlatPiece(0, 0, 2, 0), FlatPiece(1, 0, 2, 1)))
+    with pytest.raises(ValueError, match="cuts"):
+        FlatPartition(4, (FlatParam((4,)),), (FlatPiece(0, 1, 4, 0),))
+    flat.grad = torch.ones_like(flat)
+    optim.step()  # a lone 1-D tensor without DeepSpeed is a vector parameter
+    with pytest.raises(ValueError, match="already has CAME state"):
+        optim.attach_flat_partitions({flat: part})
+
+
 if __name__ == "__main__":
     a = rank_parser().parse_args()
     worker(a.rank, a.world_size, a.port, a.out)

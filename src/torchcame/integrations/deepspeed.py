@@ -20,8 +20,9 @@ holding the full tensors would, with up to 3 small all-reduces per param group a
 (4 with int8 momentum; :mod:`torchcame.flat_partition`). ``engine.save_checkpoint`` /
 ``load_checkpoint`` save and restore CAME's state per rank, bit for bit.
 
-Covered: ZeRO stages 1, 2 and 3 in fp32 and bf16 (and DeepSpeed's non-ZeRO bf16/fp16
-wrappers, whose groups are flattened whole). Refused before the engine is built, with the
+Covered: ZeRO stages 1, 2 and 3 in fp32 and bf16 (stage 1 with bf16 and fp32 gradient
+accumulation runs DeepSpeed's ``BF16_Optimizer``, the same layout). Without ZeRO, DeepSpeed
+hands CAME whole tensors and nothing needs attaching. Refused before the engine is built, with the
 reason: optimizer offload (``offload_optimizer``), and ``elastic_checkpoint`` (both assume an
 optimizer whose state has the partition's shape); universal checkpoints are not supported.
 Tested with DeepSpeed 0.19 (``DS_ACCELERATOR=cpu``, gloo).
@@ -178,20 +179,20 @@ def partition_maps(zero_optimizer: Any, module: torch.nn.Module | None = None,
     """The partition map of every flat tensor DeepSpeed's ``zero_optimizer`` (the engine's
     ``optimizer``) hands its client optimizer, keyed by that tensor.
 
-    - ZeRO-1/2 (``DeepSpeedZeroOptimizer``), ZeRO-1 with bf16 (``BF16_Optimizer``) and the
-      non-ZeRO fp16/bf16 wrapper (``FP16_Optimizer``, groups flattened whole): each group's
-      parameters are views of one flat low-precision buffer; their offsets in it and the
-      partition size give :meth:`FlatPartition.contiguous`. For ZeRO-1/2 the result is checked
-      against DeepSpeed's own ``params_in_partition`` and ``first_offset``.
+    - ZeRO-1/2 (``DeepSpeedZeroOptimizer``) and ZeRO-1 with bf16 and fp32 gradient
+      accumulation (``BF16_Optimizer``): each group's parameters are views of one flat
+      low-precision buffer; their offsets in it and the partition size give
+      :meth:`FlatPartition.contiguous`. For ZeRO-1/2 the result is checked against
+      DeepSpeed's own ``params_in_partition`` and ``first_offset``.
     - ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): each sub-group's parameters (``ds_shape``)
       split into ``partition_numel()`` pieces: :meth:`FlatPartition.per_parameter`.
-    - Anything else (no ZeRO, fp32): the client optimizer holds the model's parameters; no map.
+    - Anything else (no ZeRO; its bf16/fp16 wrapper ``FP16_UnfusedOptimizer`` keeps one fp32
+      copy per parameter): CAME holds whole tensors of the right shapes; no map.
 
     Raises:
         RuntimeError: DeepSpeed's layout is not the one this reads (another version).
     """
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
@@ -208,19 +209,14 @@ def partition_maps(zero_optimizer: Any, module: torch.nn.Module | None = None,
         return _contiguous_maps(zero_optimizer.bf16_groups, zero_optimizer.bf16_groups_flat,
                                 zero_optimizer.fp32_groups_flat_partition,
                                 zero_optimizer.real_dp_process_group, names)
-    if isinstance(zero_optimizer, FP16_Optimizer):
-        groups = zero_optimizer.fp16_groups
-        return _contiguous_maps(groups, zero_optimizer.fp16_groups_flat,
-                                zero_optimizer.fp32_groups_flat, [None] * len(groups), names,
-                                partitioned=False)
     return {}
 
 
-def _contiguous_maps(groups, lp_flats, partitions, process_groups, names,
-                     partitioned: bool = True) -> dict[Tensor, FlatPartition]:
+def _contiguous_maps(groups, lp_flats, partitions, process_groups,
+                     names) -> dict[Tensor, FlatPartition]:
     maps = {}
     for params, lp_flat, fp32, group in zip(groups, lp_flats, partitions, process_groups):
-        rank, world = _group_rank_world(group) if partitioned else (0, 1)
+        rank, world = _group_rank_world(group)
         size = lp_flat.numel() // world
         if fp32.numel() != size or lp_flat.numel() != size * world:
             raise RuntimeError(
