@@ -218,22 +218,37 @@ def _scenario_checkpoint(rank: int, stage: int, root: Path, **options) -> dict:
     return {"saved": saved, "loaded": loaded, "straight": straight, "resumed": resumed}
 
 
-def _scenario_plain_initialize(rank: int) -> str:
-    """Plain deepspeed.initialize with CAME: the first step raises, naming the helper."""
-    deepspeed = _deepspeed()
+def _plain_engine():
+    """CAME through plain ``deepspeed.initialize`` (ZeRO-2)."""
     from torchcame import CAME
 
     model = make_net()
     optimizer = CAME(param_groups(model), **HYPER)
     config = {**ds_config(2), "zero_allow_untested_optimizer": True}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine, *_ = _deepspeed().initialize(model=model, optimizer=optimizer, config=config)
+    return engine, optimizer
+
+
+def _scenario_plain_initialize(rank: int) -> dict:
+    """Plain deepspeed.initialize with CAME: the first step raises, naming the helper; with
+    ``attach(engine)`` before it, the steps are the helper's, bit for bit."""
+    from torchcame.integrations.deepspeed import attach
+
+    engine, optimizer = _plain_engine()
     x, y = batch(0)
     engine.backward(loss_fn(engine(x[:MICRO_BATCH]), y[:MICRO_BATCH]))
+    error = ""
     try:
         engine.step()
     except NotImplementedError as exc:
-        return str(exc)
-    return ""
+        error = str(exc)
+    engine, optimizer = _plain_engine()
+    attach(engine)
+    _train(engine, optimizer, rank, 0, 2)
+    attached = _snapshot(engine, optimizer)
+    engine, optimizer = _engine(2)
+    _train(engine, optimizer, rank, 0, 2)
+    return {"error": error, "attached": attached, "helper": _snapshot(engine, optimizer)}
 
 
 def worker(rank: int, world: int, port: int, out: Path) -> None:
@@ -427,7 +442,12 @@ def test_without_zero(runs):
 
 def test_plain_deepspeed_initialize_raises_naming_the_helper(runs):
     for r in runs:
-        assert "torchcame.integrations.deepspeed.initialize" in r["plain"]
+        assert "torchcame.integrations.deepspeed.initialize" in r["plain"]["error"]
+
+
+def test_attach_to_an_engine_built_elsewhere(runs):
+    for r in runs:
+        _assert_pieces_equal(r["plain"]["attached"]["pieces"], r["plain"]["helper"]["pieces"])
 
 
 def test_layout_cuts_rows(runs):

@@ -42,7 +42,7 @@ from ..came import CAME
 from ..distributed import UnsupportedShardingError
 from ..flat_partition import FlatPartition
 
-__all__ = ["initialize", "partition_maps", "check_config"]
+__all__ = ["initialize", "attach", "partition_maps", "check_config"]
 
 
 def _deepspeed():
@@ -78,11 +78,32 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None,
                         f"got {type(optimizer).__name__}")
     args, kwargs = _with_config(args, kwargs)
     result = deepspeed.initialize(args, model, optimizer, *rest, **kwargs)
-    engine = result[0]
+    attach(result[0])
+    return result
+
+
+def attach(engine: Any) -> None:
+    """Attach the partition maps of a DeepSpeed ``engine`` built elsewhere (by Accelerate's
+    DeepSpeed plugin, say) to its CAME optimizer; call it before the first step.
+
+    :func:`initialize` calls this. The engine's config is checked as :func:`check_config`
+    does (building it needed ``"zero_allow_untested_optimizer": true``).
+
+    Raises:
+        TypeError: the engine's client optimizer is not a :class:`torchcame.CAME`.
+        UnsupportedShardingError: see :func:`check_config`.
+    """
+    optimizer = engine.optimizer
+    while optimizer is not None and not isinstance(optimizer, CAME):
+        optimizer = getattr(optimizer, "optimizer", None)  # DeepSpeed's wrappers' client
+    if optimizer is None:
+        raise TypeError("torchcame.integrations.deepspeed.attach: the engine's optimizer "
+                        f"({type(engine.optimizer).__name__}) does not wrap a torchcame.CAME")
+    if isinstance(getattr(engine, "config", None), Mapping):
+        check_config(engine.config)
     maps = partition_maps(engine.optimizer, engine.module)
     if maps:
         optimizer.attach_flat_partitions(maps)
-    return result
 
 
 def _with_config(args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
