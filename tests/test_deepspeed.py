@@ -285,7 +285,17 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
 def reference(steps: int, bf16: bool = False) -> tuple[dict, dict, object]:
     """One process: fp32 CAME on the global batch; with ``bf16``, a bf16 model whose fp32
     master copies (made from the bf16 weights) CAME steps, as DeepSpeed's mixed precision
-    does, on the global batch (each rank gets all of it in the bf16 runs)."""
+    does, on the global batch (each rank gets all of it in the bf16 runs). One thread, as the
+    ranks: bf16 reductions (LayerNorm's backward) round differently with more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _reference(steps, bf16)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reference(steps: int, bf16: bool) -> tuple[dict, dict, object]:
     from torchcame import CAME
 
     model = make_net()
