@@ -301,9 +301,8 @@ def test_float32_equals_single_process(runs, world, layout):
     ranks = [r[(layout, "float32")]["final"] for r in runs[world]]
     got, ref = rebuild(rank_pieces(ranks), *reference(torch.float32, STEPS))
     assert_close_rel(got, ref)
-    # one all-reduce per phase for all parameters of both groups (a phase that has nothing
-    # to reduce issues nothing: at 2 ranks per_parameter cuts only... every layout here
-    # divides a factored parameter mid-row, so all three run)
+    # one all-reduce per phase for all parameters of both groups (every layout here divides
+    # a factored parameter, so each phase has something to sum)
     assert all(r[(layout, "float32")]["counts"] == [3] * STEPS for r in runs[world])
 
 

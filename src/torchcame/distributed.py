@@ -35,6 +35,14 @@ Supported layouts: ``Shard(d)``, ``_StridedShard(d)`` (FSDP2 over tensor paralle
 global tensor (what FSDP2, HSDP and FSDP2 + TP produce); uneven and empty shards work.
 ``Partial`` parameters raise :class:`UnsupportedShardingError`. int8 momentum needs whole
 quantization blocks on every rank (only dim 0 sharded; see :func:`_check_quantizable`).
+
+The same step runs DeepSpeed ZeRO's flat partitions (:mod:`torchcame.flat_partition`): a
+piece ``[a, b)`` of a parameter's row-major flattening has a
+:class:`~torchcame.flat_partition.FlatShardLayout`, which answers the geometry questions of
+:class:`ShardLayout` (partial sums, the factored rsqrt, where ``sum u²`` goes) for a slice
+with partial rows; its sums travel in slot buffers every rank lays out alike from the
+partition map (:func:`_reduce_flat`), plus a MAX for the int8 scales of blocks cut between
+ranks. Whole pieces run the reference step on views.
 """
 
 from __future__ import annotations
@@ -281,17 +289,23 @@ _DEEPSPEED_HINT = (
 )
 
 
+#: Modules of the DeepSpeed optimizers that hand their client flat partitions (ZeRO 1-3, and
+#: the bf16 optimizer of ZeRO-1).
+_DEEPSPEED_PARTITIONING = ("deepspeed.runtime.zero", "deepspeed.runtime.bf16_optimizer")
+
+
 def check_not_flat_partitions(param_groups: Sequence[dict],
                               attached: Collection[Tensor] = ()) -> None:
     """Raise for DeepSpeed ZeRO partitions that have no partition map attached, on which CAME
-    would silently factor nothing.
+    would silently factor nothing. Call it from ``step`` (it looks at the callers).
 
     DeepSpeed's ZeRO wrappers replace each param group's parameters by one flat 1-D partition
     (stages 1-3); ZeRO-3 model parameters and partitions carry ``ds_id``. The tensors say
-    nothing else, so the rule is: DeepSpeed is imported and every parameter the optimizer
-    holds is 1-D, or a parameter has ``ds_id`` -- among the parameters not in ``attached``
-    (the flat partitions whose map :meth:`torchcame.CAME.attach_flat_partitions` received).
-    (A real model whose every parameter is a vector is not factored anyway.)
+    nothing else, so the rule is, among the parameters not in ``attached`` (the flat
+    partitions whose map :meth:`torchcame.CAME.attach_flat_partitions` received): a
+    parameter has ``ds_id``, or every parameter is 1-D and the step is called from
+    DeepSpeed's ZeRO (or bf16) optimizer. (Merely having DeepSpeed imported, as some libraries
+    do, says nothing: a model whose every parameter is a vector is then stepped as usual.)
     """
     attached_ids = {id(t) for t in attached}
     params = [p for group in param_groups for p in group["params"]
@@ -302,12 +316,13 @@ def check_not_flat_partitions(param_groups: Sequence[dict],
             "partition map; CAME factors each matrix's second moment and needs its shape. "
             f"{_DEEPSPEED_HINT}"
         )
-    if "deepspeed" in sys.modules and params and all(p.dim() == 1 for p in params):
+    if params and all(p.dim() == 1 for p in params) and any(
+            module.startswith(_DEEPSPEED_PARTITIONING) for _, module in _callers(24)):
         raise UnsupportedShardingError(
-            f"every parameter is 1-D ({len(params)} of them) and DeepSpeed is loaded: these look "
-            "like ZeRO flat partitions, on which CAME would keep a full second moment for "
-            f"everything (no factoring, no confidence). {_DEEPSPEED_HINT} Without DeepSpeed, "
-            "FSDP2 (fully_shard) works as is."
+            f"every parameter is 1-D ({len(params)} of them) and DeepSpeed's ZeRO optimizer "
+            "calls step: these are ZeRO flat partitions, on which CAME would keep a full second "
+            f"moment for everything (no factoring, no confidence). {_DEEPSPEED_HINT} Without "
+            "DeepSpeed, FSDP2 (fully_shard) works as is."
         )
 
 
@@ -560,16 +575,19 @@ def called_from_dcp_state_init() -> bool:
     ``r``/``c`` toward eps and ``R``/``C`` toward eps2), so :class:`torchcame.CAME`
     recognizes the call and only allocates its zero state instead.
     """
-    frame = sys._getframe(1)
-    for _ in range(12):
-        if frame is None:
-            return False
-        module = str(frame.f_globals.get("__name__", ""))
-        for name, prefix in _STATE_INIT_CALLERS:
-            if frame.f_code.co_name == name and module.startswith(prefix):
-                return True
+    return any(function == name and module.startswith(prefix)
+               for function, module in _callers(12) for name, prefix in _STATE_INIT_CALLERS)
+
+
+def _callers(depth: int) -> list[tuple[str, str]]:
+    """(function name, module name) of up to ``depth`` frames, from the caller of the
+    function calling this one outwards."""
+    frame = sys._getframe(2)
+    out: list[tuple[str, str]] = []
+    while frame is not None and len(out) < depth:
+        out.append((frame.f_code.co_name, str(frame.f_globals.get("__name__", ""))))
         frame = frame.f_back
-    return False
+    return out
 
 
 # -------------------------------------------------------------------------------------- step
@@ -818,13 +836,15 @@ def all_finite(tensors: Sequence[Tensor], groups_of_plain: Sequence[Any] = ()) -
 
 def step_dtensor(params: list[Tensor], grads: list[Tensor], states: list[dict],
                  args: StepArgs, layouts: list[StateLayout]) -> None:
-    """One CAME step for a param group holding DTensor (and possibly plain) parameters.
+    """One CAME step for a param group holding DTensor or flat-partition (and possibly plain)
+    parameters.
 
     The result equals a single process stepping the full tensors (up to float rounding of the
-    split sums). Two all-reduces per process group, each carrying all parameters' partial sums.
-    Inside :func:`batched_collectives` (which ``CAME.step`` uses) the work is deferred and all
-    param groups share the two all-reduces. Every rank of the group must call this with the
-    same parameters (as FSDP2 guarantees). The local math is the reference's. Each state's
+    split sums). Up to three all-reduces per process group (one per phase; a fourth, MAX, for
+    int8 blocks a flat partition cuts), each carrying all parameters' partial sums. Inside
+    :func:`batched_collectives` (which ``CAME.step`` uses) the work is deferred and all param
+    groups share them. Every rank of the group must call this with the same parameters (as
+    FSDP2 and DeepSpeed guarantee). The local math is the reference's. Each state's
     ``step`` is counted when its work runs (deferred work that is dropped counts nothing).
     """
     work = _prepare(params, grads, states, args, layouts)
