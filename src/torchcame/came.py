@@ -12,7 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -108,7 +108,45 @@ class CAME(Optimizer):
             raise TypeError("params must be an ordered collection (a list or generator), not a "
                             "set: a set's order changes between runs, and so would the state")
         self._layout_cache: dict[int, tuple[dict, tuple, dict[Tensor, StateLayout]]] = {}
+        self._flat_partitions: dict[Tensor, distributed.FlatPartition] = {}
         super().__init__(params, defaults)
+
+    def attach_flat_partitions(self, partitions: Mapping[Tensor, distributed.FlatPartition],
+                               ) -> None:
+        """Declare flat 1-D tensors of the param groups to be ZeRO-style flat partitions.
+
+        Each key is a 1-D tensor that holds pieces of several parameters (the client
+        optimizer's parameter under DeepSpeed ZeRO); its
+        :class:`~torchcame.flat_partition.FlatPartition` says which elements of which
+        parameter (global shape) sit where, and where ranks divide them. CAME then steps every
+        piece as one process holding the full tensors would, with a constant number of small
+        all-reduces per step (:mod:`torchcame.flat_partition`). The tensor may join a param
+        group later (ZeRO-3 puts it there during ``step`` only).
+        ``torchcame.integrations.deepspeed.initialize`` calls this; there is no need to
+        otherwise.
+
+        Raises:
+            TypeError, ValueError: a key that is not a floating 1-D tensor of the partition's
+                length, or a value that is not a ``FlatPartition``; nothing is attached.
+        """
+        checked = {}
+        for tensor, partition in partitions.items():
+            if not isinstance(partition, distributed.FlatPartition):
+                raise TypeError(f"attach_flat_partitions expects FlatPartition values, got "
+                                f"{type(partition).__name__}")
+            if (not isinstance(tensor, Tensor) or tensor.dim() != 1
+                    or not tensor.is_floating_point()):
+                raise TypeError("attach_flat_partitions expects floating 1-D tensors as keys, "
+                                f"got {type(tensor).__name__} {getattr(tensor, 'shape', '')}")
+            if tensor.numel() != partition.numel:
+                raise ValueError(f"a flat tensor of {tensor.numel()} elements got a partition "
+                                 f"map of {partition.numel}")
+            if self.state.get(tensor):
+                raise ValueError("attach_flat_partitions: this tensor already has CAME state "
+                                 "(stepped as a plain vector); attach before the first step")
+            checked[tensor] = partition
+        self._flat_partitions.update(checked)
+        self._layout_cache.clear()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group; its options and parameters are validated first."""
@@ -163,18 +201,31 @@ class CAME(Optimizer):
             for p in group["params"]:
                 state = self.state.get(p)
                 if state:
-                    check_layout_unchanged(p, state, self._layout(cached[2], group, p), index,
-                                           changed)
+                    layout = self._layout(cached[2], group, p)
+                    if distributed.is_flat_layout(layout):
+                        if not distributed.flat_state_unchanged(state, layout):
+                            raise ValueError(_layout_changed_message(p, index, changed))
+                        continue
+                    check_layout_unchanged(p, state, layout, index, changed)
         return [self._layout(cached[2], group, p) for p in params]
 
-    @staticmethod
-    def _layout(cache: dict[Tensor, StateLayout], group: dict, param: Tensor) -> StateLayout:
+    def _layout(self, cache: dict[Tensor, StateLayout], group: dict,
+                param: Tensor) -> StateLayout:
         layout = cache.get(param)
         if layout is None:
-            layout = layout_of(param, group)
-            if distributed.is_dtensor(param):  # resolved once, with the layout
-                layout = dataclasses.replace(layout, shard=distributed.shard_layout(param))
+            layout = self._resolve_layout(param, group)
             cache[param] = layout
+        return layout
+
+    def _resolve_layout(self, param: Tensor, options: dict) -> StateLayout:
+        """``param``'s layout under a group's (or a saved group's) ``options``: with its
+        DTensor placement, or as a flat partition's container of pieces."""
+        partition = self.__dict__.get("_flat_partitions", {}).get(param)
+        if partition is not None:
+            return distributed.flat_layout(param, partition, options)
+        layout = layout_of(param, options)
+        if distributed.is_dtensor(param):  # resolved once, with the layout
+            layout = dataclasses.replace(layout, shard=distributed.shard_layout(param))
         return layout
 
     def _check_new_states(self, params: list[Tensor], layouts: list[StateLayout]) -> None:
@@ -277,12 +328,13 @@ class CAME(Optimizer):
             layouts = self._layouts(index[id(group)], group, params)
             self._check_new_states(params, layouts)
             prepared.append((group, params, grads, layouts))
-        batch = any(distributed.is_dtensor(p) for _, params, _, _ in prepared for p in params)
+        batch = any(distributed.is_dtensor(p) or distributed.is_flat_layout(layout)
+                    for _, params, _, layouts in prepared for p, layout in zip(params, layouts))
         with distributed.batched_collectives() if batch else contextlib.nullcontext():
             for group, params, grads, layouts in prepared:
                 if not params:
                     continue
-                if group["skip_nonfinite"] and not _all_finite(grads):
+                if group["skip_nonfinite"] and not _all_finite(grads, layouts):
                     group["skipped_steps"] += 1
                     continue
                 step_group(params, grads, self._states(params, layouts), step_args(group),
@@ -353,7 +405,13 @@ class CAME(Optimizer):
             saved, group = id_to_groups[pid]
             param = id_to_param[pid]
             where = f"parameter {pid!r}"
-            layout = layout_of(param, group)
+            layout = self._resolve_layout(param, group)
+            if distributed.is_flat_layout(layout):
+                entry = distributed.load_state_flat(entry, self._resolve_layout(param, saved),
+                                                    layout, where)
+                if entry:
+                    converted[pid] = entry
+                continue
             entry = convert_state(param, entry, layout_of(param, saved), layout, where)
             if entry:
                 converted[pid] = _placed_state(param, entry, layout)
@@ -365,10 +423,18 @@ class CAME(Optimizer):
             self.state[id_to_param[pid]] = entry
 
 
-def _new_state(param: Tensor, layout: StateLayout) -> dict[str, Tensor]:
+def _new_state(param: Tensor, layout: StateLayout) -> dict[str, Any]:
+    if distributed.is_flat_layout(layout):
+        return distributed.init_state_flat(layout)
     if distributed.is_dtensor(param):
         return distributed.init_state_dtensor(param, layout)
     return init_state(param, layout)
+
+
+def _layout_changed_message(param: Tensor, index: int, changed: str) -> str:
+    return (f"param group {index}: the state of a flat partition of {param.numel()} elements "
+            f"was created with other layout options than the group's current ones ({changed}); "
+            "these are fixed once a parameter has state")
 
 
 def _placed_state(param: Tensor, entry: dict[str, Any], layout: StateLayout) -> dict[str, Any]:
@@ -415,17 +481,19 @@ def _first_step_checks(optimizer: CAME) -> bool:
     """
     if not torch.distributed.is_available():
         return False
-    distributed.check_not_flat_partitions(optimizer.param_groups)
+    distributed.check_not_flat_partitions(optimizer.param_groups,
+                                          optimizer.__dict__.get("_flat_partitions", {}))
     if distributed.called_from_dcp_state_init():
         optimizer.init_state()
         return True
     return False
 
 
-def _all_finite(tensors: list[Tensor]) -> bool:
+def _all_finite(tensors: list[Tensor], layouts: list[StateLayout]) -> bool:
     """True when every element of every tensor is finite (one host sync)."""
-    if any(distributed.is_dtensor(t) for t in tensors):  # FSDP2: all ranks must agree
-        return distributed.all_finite(tensors)
+    flat_groups = [layout.shard.group for layout in layouts if distributed.is_flat_layout(layout)]
+    if flat_groups or any(distributed.is_dtensor(t) for t in tensors):  # all ranks must agree
+        return distributed.all_finite(tensors, flat_groups)
     flags = [torch.isfinite(t).all() for t in tensors if t.numel() > 0]
     if not flags:
         return True

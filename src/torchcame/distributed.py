@@ -35,14 +35,23 @@ Supported layouts: ``Shard(d)``, ``_StridedShard(d)`` (FSDP2 over tensor paralle
 global tensor (what FSDP2, HSDP and FSDP2 + TP produce); uneven and empty shards work.
 ``Partial`` parameters raise :class:`UnsupportedShardingError`. int8 momentum needs whole
 quantization blocks on every rank (only dim 0 sharded; see :func:`_check_quantizable`).
+
+The same step runs DeepSpeed ZeRO's flat partitions (:mod:`torchcame.flat_partition`): a
+piece ``[a, b)`` of a parameter's row-major flattening has a
+:class:`~torchcame.flat_partition.FlatShardLayout`, which answers the geometry questions of
+:class:`ShardLayout` (partial sums, the factored rsqrt, where ``sum u²`` goes) for a slice
+with partial rows; its sums travel in slot buffers every rank lays out alike from the
+partition map (:func:`_reduce_flat`), plus a MAX for the int8 scales of blocks cut between
+ranks. Whole pieces run the reference step on views.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -61,9 +70,18 @@ from ._factored import (
     ema_,
 )
 from ._impl.reference import step_single_tensor
+from .flat_partition import (
+    REDUCTION_KINDS,
+    FlatPartition,
+    FlatPartitionLayout,
+    FlatSlots,
+    flat_state_matches,
+    init_flat_state,
+    load_flat_state,
+)
 from .lowbit import load_momentum, store_momentum_
 from .options import StepArgs
-from .state import StateLayout, state_dtype, state_shapes
+from .state import StateLayout, layout_of, state_dtype, state_shapes
 from .state import init_state as init_local_state
 
 __all__ = [
@@ -81,6 +99,12 @@ __all__ = [
     "called_from_dcp_state_init",
     "check_not_flat_partitions",
     "all_finite",
+    "is_flat_layout",
+    "flat_layout",
+    "init_state_flat",
+    "flat_state_unchanged",
+    "load_state_flat",
+    "FlatPartition",
 ]
 
 _HINT = (
@@ -172,6 +196,40 @@ class ShardLayout:
         """The process group of one mesh dimension."""
         return self.mesh.get_group(mesh_dim)
 
+    # The geometry of the three-phase step (:class:`_ParamStep`); the flat partitions'
+    # :class:`torchcame.flat_partition.FlatShardLayout` answers the same questions.
+
+    @property
+    def numel(self) -> int:
+        """Elements of the global tensor (the RMS runs over all of them)."""
+        return math.prod(self.shape)
+
+    @property
+    def rms_reduction(self) -> tuple[int, ...]:
+        """Where ``sum u²`` is reduced: every mesh dim sharding the tensor."""
+        return self.sharded
+
+    def factored_partials(self, value: Tensor, old_rows: Tensor) -> list[tuple[Tensor, Any]]:
+        """Row sums, column sums, ``sum old_rows`` and ``sum value`` of the local box, each
+        with the mesh dims that must reduce it (phases 1 and 3)."""
+        rows, cols = self.sharding([-2]), self.sharding([-1])
+        both = tuple(sorted(set(rows) | set(cols)))
+        return [(value.sum(dim=-1), cols), (value.sum(dim=-2), rows),
+                (old_rows.sum(dim=-1), rows), (value.sum(dim=(-2, -1)), both)]
+
+    def scaled(self, row: Tensor, col: Tensor, row_mean: Tensor, value: Tensor) -> Tensor:
+        """``value / sqrt(S_hat)`` on the local box, ``S_hat = (row / row_mean) ⊗ col``."""
+        return approx_rsqrt(row, col, row_mean=row_mean).mul_(value)
+
+    def block_offset(self, block_size: int) -> int:
+        """Where the local shard starts in its first int8 block: 0, since a DTensor shard
+        holds whole blocks (:func:`check_layout`)."""
+        return 0
+
+    def absmax_partials(self, momentum: Tensor, block_size: int) -> list[tuple[Tensor, Any]]:
+        """Cross-rank int8 scales: none (whole blocks on every rank)."""
+        return []
+
 
 def shard_layout(param: Tensor) -> ShardLayout:
     """The :class:`ShardLayout` of a DTensor ``param``; raises
@@ -226,27 +284,77 @@ def check_param(param: Tensor) -> None:
         _layout(param)
 
 
-def check_not_flat_partitions(param_groups: Sequence[dict]) -> None:
-    """Raise for DeepSpeed ZeRO partitions, on which CAME would silently factor nothing.
+_DEEPSPEED_HINT = (
+    "Build the engine with torchcame.integrations.deepspeed.initialize(...) (the same "
+    "arguments as deepspeed.initialize, optimizer=CAME(...)): it reads the partition map from "
+    "DeepSpeed's ZeRO optimizer and hands it to CAME, which then steps every matrix exactly "
+    "as one process would (factored, with confidence)."
+)
+
+
+#: Modules of the DeepSpeed optimizers that hand their client flat partitions (ZeRO 1-3, and
+#: the bf16 optimizer of ZeRO-1).
+_DEEPSPEED_PARTITIONING = ("deepspeed.runtime.zero", "deepspeed.runtime.bf16_optimizer")
+
+
+def check_not_flat_partitions(param_groups: Sequence[dict],
+                              attached: Collection[Tensor] = ()) -> None:
+    """Raise for DeepSpeed ZeRO partitions that have no partition map attached, on which CAME
+    would silently factor nothing. Call it from ``step`` (it looks at the callers).
 
     DeepSpeed's ZeRO wrappers replace each param group's parameters by one flat 1-D partition
-    (stages 1-3); ZeRO-3 model parameters carry ``ds_id``. The tensors say nothing else, so
-    the rule is: DeepSpeed is imported and every parameter the optimizer holds is 1-D, or a
-    parameter has ``ds_id``. (A real model whose every parameter is a vector is not factored
-    anyway.)
+    (stages 1-3); ZeRO-3 model parameters and partitions carry ``ds_id``. The tensors say
+    nothing else, so the rule is, among the parameters not in ``attached`` (the flat
+    partitions whose map :meth:`torchcame.CAME.attach_flat_partitions` received): a
+    parameter has ``ds_id``, or every parameter is 1-D and the step is called from
+    DeepSpeed's ZeRO (or bf16) optimizer. (Merely having DeepSpeed imported, as some libraries
+    do, says nothing: a model whose every parameter is a vector is then stepped as usual.)
     """
-    params = [p for group in param_groups for p in group["params"]]
+    attached_ids = {id(t) for t in attached}
+    params = [p for group in param_groups for p in group["params"]
+              if id(p) not in attached_ids]
     if any(hasattr(p, "ds_id") for p in params):
         raise UnsupportedShardingError(
-            "got DeepSpeed ZeRO-3 partitioned parameters (they carry ds_id); CAME factors each "
-            f"matrix's second moment and needs its shape. {_HINT}"
+            "got DeepSpeed ZeRO-3 partitioned parameters (they carry ds_id) without their "
+            "partition map; CAME factors each matrix's second moment and needs its shape. "
+            f"{_DEEPSPEED_HINT}"
         )
-    if "deepspeed" in sys.modules and params and all(p.dim() == 1 for p in params):
+    if params and all(p.dim() == 1 for p in params) and any(
+            module.startswith(_DEEPSPEED_PARTITIONING) for _, module in _callers(24)):
         raise UnsupportedShardingError(
-            f"every parameter is 1-D ({len(params)} of them) and DeepSpeed is loaded: these look "
-            "like ZeRO flat partitions, on which CAME would keep a full second moment for "
-            f"everything (no factoring, no confidence). {_HINT}"
+            f"every parameter is 1-D ({len(params)} of them) and DeepSpeed's ZeRO optimizer "
+            "calls step: these are ZeRO flat partitions, on which CAME would keep a full second "
+            f"moment for everything (no factoring, no confidence). {_DEEPSPEED_HINT} Without "
+            "DeepSpeed, FSDP2 (fully_shard) works as is."
         )
+
+
+def is_flat_layout(layout: StateLayout | None) -> bool:
+    """Whether ``layout`` is a flat partition's (:mod:`torchcame.flat_partition`)."""
+    return layout is not None and isinstance(layout.shard, FlatPartitionLayout)
+
+
+def flat_layout(param: Tensor, partition: FlatPartition, options: Any) -> StateLayout:
+    """The state layout of a flat partition tensor ``param`` under a param group's layout
+    ``options``: ``shard`` holds each piece's layout and the reduction plan. Raises
+    ``NotImplementedError`` for a divided parameter the flat step cannot run."""
+    return dataclasses.replace(layout_of(param, options), shard=partition.resolve(param, options))
+
+
+def init_state_flat(layout: StateLayout) -> dict[str, Any]:
+    """A zero state for a flat partition: ``{"pieces": [...]}`` (no communication)."""
+    return init_flat_state(layout.shard)
+
+
+def flat_state_unchanged(state: Any, layout: StateLayout) -> bool:
+    """Whether an existing flat-partition state was built with ``layout``."""
+    return flat_state_matches(state, layout.shard)
+
+
+def load_state_flat(entry: Any, saved: StateLayout, layout: StateLayout,
+                    where: str) -> dict[str, Any]:
+    """Check and place a flat partition's saved state (:func:`load_flat_state`)."""
+    return load_flat_state(entry, saved.shard, layout.shard, where)
 
 
 def state_placements(param: Tensor, layout: StateLayout) -> dict[str, tuple]:
@@ -470,16 +578,19 @@ def called_from_dcp_state_init() -> bool:
     ``r``/``c`` toward eps and ``R``/``C`` toward eps2), so :class:`torchcame.CAME`
     recognizes the call and only allocates its zero state instead.
     """
-    frame = sys._getframe(1)
-    for _ in range(12):
-        if frame is None:
-            return False
-        module = str(frame.f_globals.get("__name__", ""))
-        for name, prefix in _STATE_INIT_CALLERS:
-            if frame.f_code.co_name == name and module.startswith(prefix):
-                return True
+    return any(function == name and module.startswith(prefix)
+               for function, module in _callers(12) for name, prefix in _STATE_INIT_CALLERS)
+
+
+def _callers(depth: int) -> list[tuple[str, str]]:
+    """(function name, module name) of up to ``depth`` frames, from the caller of the
+    function calling this one outwards."""
+    frame = sys._getframe(2)
+    out: list[tuple[str, str]] = []
+    while frame is not None and len(out) < depth:
+        out.append((frame.f_code.co_name, str(frame.f_globals.get("__name__", ""))))
         frame = frame.f_back
-    return False
+    return out
 
 
 # -------------------------------------------------------------------------------------- step
@@ -505,13 +616,15 @@ class _ParamStep:
     param: Tensor  # local
     grad: Tensor  # local, compute dtype, sign applied
     state: dict[str, Tensor]  # local views
-    shard: ShardLayout
+    shard: Any  # ShardLayout, or a flat partition's FlatShardLayout (the same methods)
     args: StepArgs
     layout: StateLayout  # the state layout (global tensor)
     partials: list[tuple[Tensor, tuple[int, ...]]] = field(default_factory=list)
     update: Tensor | None = None
     # a float32 working copy of a bf16/int8 momentum, from phase 2 until it is stored back
     momentum: Tensor | None = None
+    # int8 scales reduced across ranks (blocks a flat partition's boundary cuts), or None
+    absmax: Tensor | None = None
 
     @property
     def factored(self) -> bool:
@@ -523,17 +636,10 @@ class _ParamStep:
         layout = self.layout
         if layout.low_bit:  # bf16/int8 storage: this step's float32 copy
             self.momentum = load_momentum(self.state, layout.momentum, layout.block_size,
-                                          layout.compute_dtype)
+                                          layout.compute_dtype,
+                                          self.shard.block_offset(layout.block_size))
             return self.momentum
         return self.state["exp_avg"]
-
-    def _sums(self, value: Tensor, old_rows: Tensor) -> list[tuple[Tensor, tuple[int, ...]]]:
-        """Row sums, column sums, ``sum old_rows`` and ``sum value``, each with the mesh dims
-        that must reduce it (phases 1 and 3)."""
-        rows, cols = self.shard.sharding([-2]), self.shard.sharding([-1])
-        both = tuple(sorted(set(rows) | set(cols)))
-        return [(value.sum(dim=-1), cols), (value.sum(dim=-2), rows),
-                (old_rows.sum(dim=-1), rows), (value.sum(dim=(-2, -1)), both)]
 
     def _row_mean(self, old_sum: Tensor, total: Tensor, beta: float) -> Tensor:
         """mean over the global rows of the updated row statistic, from phase-1/3 sums."""
@@ -544,7 +650,7 @@ class _ParamStep:
         """The EMAs of a factored statistic's row and column parts from the reduced sums of
         phase 1 or 3; returns the mean of the new row statistic over the global rows."""
         n, m = self.shard.shape[-2], self.shard.shape[-1]
-        (row_sum, _), (col_sum, _), (old_sum, _), (total, _) = self.partials
+        (row_sum, _), (col_sum, _), (old_sum, _), (total, _) = self.partials[-4:]
         row_mean = self._row_mean(old_sum, total, beta)  # from the old statistic's sum
         ema_(self.state[row_key], row_sum.div_(m), beta)
         ema_(self.state[col_key], col_sum.div_(n), beta)
@@ -555,7 +661,7 @@ class _ParamStep:
         if not self.factored:
             return
         big_g = self.grad.square().add_(self.args.eps[0])
-        self.partials = self._sums(big_g, self.state["exp_avg_sq_row"])
+        self.partials = self.shard.factored_partials(big_g, self.state["exp_avg_sq_row"])
 
     def phase2(self) -> None:
         """r, c, mean(r) and u; the sum of u^2 over every sharded dim."""
@@ -563,8 +669,7 @@ class _ParamStep:
         beta2 = args.betas[1]
         if self.factored:
             row_mean = self._factored_statistics("exp_avg_sq_row", "exp_avg_sq_col", beta2)
-            update = approx_rsqrt(st["exp_avg_sq_row"], st["exp_avg_sq_col"],
-                                  row_mean=row_mean).mul_(g)
+            update = self.shard.scaled(st["exp_avg_sq_row"], st["exp_avg_sq_col"], row_mean, g)
         else:
             exp_avg_sq = st["exp_avg_sq"]
             ema_(exp_avg_sq, g.square().add_(args.eps[0]), beta2)
@@ -572,7 +677,7 @@ class _ParamStep:
         if args.bias_correction:  # v_hat / (1 - beta2^t)  =>  u * sqrt(1 - beta2^t)
             update.mul_(bias_correction_scales(float(st["step"]), args.betas, self.factored)[0])
         self.update = update
-        self.partials = [(update.square().sum().reshape(1), self.shard.sharded)]
+        self.partials = [(update.square().sum().reshape(1), self.shard.rms_reduction)]
 
     def phase3(self) -> None:
         """Clip, momentum, instability; its sums (factored tensors)."""
@@ -580,16 +685,19 @@ class _ParamStep:
         ((sum_sq, _),) = self.partials
         update = self.update
         # 4. u_hat = u / max(1, RMS(u) / d), RMS over the whole (global) tensor
-        clip_(update, sum_sq.reshape(()).sqrt() / math.sqrt(math.prod(self.shard.shape)),
+        clip_(update, sum_sq.reshape(()).sqrt() / math.sqrt(self.shard.numel),
               args.clip_threshold)
         exp_avg = self._momentum()
         ema_(exp_avg, update, args.betas[0])  # 5. momentum
         self.partials = []
+        if self.layout.quantized:  # the scales of int8 blocks cut between ranks (flat)
+            self.partials = self.shard.absmax_partials(exp_avg, self.layout.block_size)
+            self.absmax = self.partials[0][0] if self.partials else None
         if not self.factored:
             self.update = exp_avg.clone()
             return
         instability = update.sub_(exp_avg).square_().add_(args.eps[1])  # 6. U
-        self.partials = self._sums(instability, st["exp_avg_res_row"])
+        self.partials += self.shard.factored_partials(instability, st["exp_avg_res_row"])
 
     def finish(self) -> None:
         """R, C, mean(R), S_hat and the parameter update."""
@@ -597,32 +705,42 @@ class _ParamStep:
         beta3 = args.betas[2]
         if self.factored:
             res_mean = self._factored_statistics("exp_avg_res_row", "exp_avg_res_col", beta3)
-            self.update = approx_rsqrt(st["exp_avg_res_row"], st["exp_avg_res_col"],
-                                       row_mean=res_mean).mul_(self._momentum())
+            self.update = self.shard.scaled(st["exp_avg_res_row"], st["exp_avg_res_col"],
+                                            res_mean, self._momentum())
         if args.bias_correction:  # m / (1 - beta1^t) and S_hat / (1 - beta3^t)
             self.update.mul_(bias_correction_scales(float(st["step"]), args.betas,
                                                     self.factored)[1])
         apply_updates_([self.param], [self.update], args.lr, args.weight_decay,
                        args.stochastic_rounding)
         if self.momentum is not None:  # round the float32 m of this step into its storage
-            store_momentum_(st, self.momentum, self.layout.momentum, self.layout.block_size)
+            layout = self.layout
+            store_momentum_(st, self.momentum, layout.momentum, layout.block_size,
+                            self.shard.block_offset(layout.block_size), self.absmax)
             self.momentum = None
         self.update = None
+        self.absmax = None
         self.partials = []
 
 
-def _all_reduce_partials(steps: list[_ParamStep]) -> int:
-    """Sum every step's ``partials`` over the mesh dims each names, in place.
+def _all_reduce_partials(steps: list[_ParamStep], plans: Sequence[_FlatPlan] = (),
+                         kinds: Sequence[str] = ()) -> int:
+    """Reduce every step's ``partials`` in place; returns the number of all-reduces.
 
-    One all-reduce per (mesh dim, dtype, device) in use, all parameters packed into one flat
-    buffer; mesh dims are taken in order, so a partial named for several of them is summed
-    over each in turn (the sum over their product). Returns the number of all-reduces.
+    DTensor partials name mesh dims: one all-reduce (SUM) per (mesh dim, dtype, device) in
+    use, all parameters packed into one flat buffer; mesh dims are taken in order, so a
+    partial named for several of them is summed over each in turn (the sum over their
+    product). Flat-partition partials name :class:`FlatSlots` in the ``plans``' buffers of
+    ``kinds`` (:func:`_reduce_flat`), which every rank reduces whether or not it holds any.
     """
     buckets: dict[tuple, list[Tensor]] = {}
     order: list[tuple] = []
+    flat_partials: list[tuple[Tensor, FlatSlots]] = []
     for s in steps:
-        for tensor, mesh_dims in s.partials:
-            for mesh_dim in mesh_dims:
+        for tensor, spec in s.partials:
+            if isinstance(spec, FlatSlots):
+                flat_partials.append((tensor, spec))
+                continue
+            for mesh_dim in spec:
                 group = s.shard.group(mesh_dim)
                 key = (mesh_dim, id(group), tensor.dtype, tensor.device)
                 if key not in buckets:
@@ -638,6 +756,47 @@ def _all_reduce_partials(steps: list[_ParamStep]) -> int:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
         count += 1
+    return count + _reduce_flat(flat_partials, plans, kinds)
+
+
+def _reduce_flat(partials: list[tuple[Tensor, FlatSlots]], plans: Sequence[_FlatPlan],
+                 kinds: Sequence[str]) -> int:
+    """Reduce flat-partition partials through their plans' slot buffers, in place.
+
+    For each kind, one buffer per (process group, dtype, device) holds every plan's segment
+    (plans in the order given, the same on every rank); each rank writes the slots it holds
+    values for (zeros elsewhere), one all-reduce (SUM, or MAX for int8 scales) combines them,
+    and each partial reads its slots back. A buffer is reduced when its size is nonzero, on
+    every rank, even one that holds no piece of a divided parameter.
+    """
+    count = 0
+    for kind in kinds:
+        buckets: dict[tuple, dict[int, int]] = {}  # key -> {id(plan layout): offset}
+        groups: dict[tuple, tuple[Any, int]] = {}
+        for plan in plans:
+            size = plan.layout.sizes[kind]
+            if not size:
+                continue
+            key = (id(plan.layout.group), plan.layout.dtype, plan.layout.device)
+            offsets = buckets.setdefault(key, {})
+            if id(plan.layout) in offsets:
+                continue
+            total = groups.get(key, (plan.layout.group, 0))[1]
+            offsets[id(plan.layout)] = total
+            groups[key] = (plan.layout.group, total + size)
+        for key, offsets in buckets.items():
+            group, total = groups[key]
+            buffer = torch.zeros(total, dtype=key[1], device=key[2])
+            mine = [(t, slots, offsets[id(slots.plan)] + slots.buffer_index)
+                    for t, slots in partials if slots.kind == kind
+                    and id(slots.plan) in offsets and slots.local_index.numel()]
+            for t, slots, index in mine:
+                buffer.index_copy_(0, index, t.reshape(-1).index_select(0, slots.local_index))
+            op = dist.ReduceOp.MAX if REDUCTION_KINDS[kind] == "max" else None
+            buffer = _all_reduce(buffer, group, op)
+            for t, slots, index in mine:
+                t.view(-1).index_copy_(0, slots.local_index, buffer.index_select(0, index))
+            count += 1
     return count
 
 
@@ -652,13 +811,14 @@ def _all_reduce(flat: Tensor, group: Any, op: Any = None) -> Tensor:
     return flat.to(device)
 
 
-def all_finite(tensors: Sequence[Tensor]) -> bool:
+def all_finite(tensors: Sequence[Tensor], groups_of_plain: Sequence[Any] = ()) -> bool:
     """Whether every element of every (D)Tensor is finite, the same answer on every rank.
 
-    For ``skip_nonfinite`` under FSDP2: each rank sees only its shards, so the local answers
-    are combined with one MAX all-reduce per process group of the sharded tensors.
+    For ``skip_nonfinite`` under FSDP2 and ZeRO: each rank sees only its shards, so the local
+    answers are combined with one MAX all-reduce per process group of the sharded tensors
+    and of ``groups_of_plain`` (the groups of flat partitions among ``tensors``).
     """
-    groups: dict[Any, None] = {}
+    groups: dict[Any, None] = dict.fromkeys(groups_of_plain)
     local = []
     for t in tensors:
         if _is_dtensor(t):
@@ -679,13 +839,15 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
 
 def step_dtensor(params: list[Tensor], grads: list[Tensor], states: list[dict],
                  args: StepArgs, layouts: list[StateLayout]) -> None:
-    """One CAME step for a param group holding DTensor (and possibly plain) parameters.
+    """One CAME step for a param group holding DTensor or flat-partition (and possibly plain)
+    parameters.
 
     The result equals a single process stepping the full tensors (up to float rounding of the
-    split sums). Two all-reduces per process group, each carrying all parameters' partial sums.
-    Inside :func:`batched_collectives` (which ``CAME.step`` uses) the work is deferred and all
-    param groups share the two all-reduces. Every rank of the group must call this with the
-    same parameters (as FSDP2 guarantees). The local math is the reference's. Each state's
+    split sums). Up to three all-reduces per process group (one per phase; a fourth, MAX, for
+    int8 blocks a flat partition cuts), each carrying all parameters' partial sums. Inside
+    :func:`batched_collectives` (which ``CAME.step`` uses) the work is deferred and all param
+    groups share them. Every rank of the group must call this with the same parameters (as
+    FSDP2 and DeepSpeed guarantee). The local math is the reference's. Each state's
     ``step`` is counted when its work runs (deferred work that is dropped counts nothing).
     """
     work = _prepare(params, grads, states, args, layouts)
@@ -741,6 +903,9 @@ def _prepare(
     """Validate a group and turn it into work items; changes no parameter and no state."""
     work: list = []
     for param, grad, state, layout in zip(params, grads, states, layouts):
+        if is_flat_layout(layout):
+            work += _flat_work(param, grad, state, args, layout)
+            continue
         if not _is_dtensor(param):
             if _is_dtensor(grad):
                 raise TypeError("a plain parameter got a DTensor gradient")
@@ -773,12 +938,56 @@ def _prepare(
     return work
 
 
+@dataclass
+class _FlatPlan:
+    """A flat partition's reduction plan, in the work list so that every rank reduces its
+    buffers even when it holds no piece of a divided parameter."""
+
+    layout: FlatPartitionLayout
+
+
+def _flat_work(param: Tensor, grad: Tensor, state: dict, args: StepArgs,
+               layout: StateLayout) -> list:
+    """Work items of a flat partition (:mod:`torchcame.flat_partition`): its plan, then one
+    item per local piece on views of the flat parameter, gradient and the piece's state: the
+    reference step for a whole parameter, the three-phase step for a divided one."""
+    flat: FlatPartitionLayout = layout.shard
+    if grad.shape != param.shape or param.dim() != 1:
+        raise ValueError(f"{flat.describe()}: got a parameter of shape {tuple(param.shape)} "
+                         f"and a gradient of shape {tuple(grad.shape)}")
+    pieces = state.get("pieces")
+    if not isinstance(pieces, list) or len(pieces) != len(flat.pieces):
+        raise ValueError(f"{flat.describe()}: its state has no list of {len(flat.pieces)} "
+                         "piece states; build it with CAME (init_state) or load_state_dict")
+    work: list = [_FlatPlan(flat)]
+    for piece, piece_layout, piece_state in zip(flat.partition.pieces, flat.pieces, pieces):
+        shard = piece_layout.shard
+        local_param = param.narrow(0, piece.offset, piece.numel)
+        local_grad = grad.narrow(0, piece.offset, piece.numel)
+        if shard.whole:
+            work.append(_LocalStep(local_param.view(shard.shape), local_grad.view(shard.shape),
+                                   piece_state, args, piece_layout))
+        else:
+            work.append(_ParamStep(param=local_param, grad=local_grad, state=piece_state,
+                                   shard=shard, args=args, layout=piece_layout))
+    return work
+
+
+#: The reductions after each phase: DTensor partials are reduced after every phase; flat
+#: partitions' buffers of these kinds.
+_PHASE_KINDS = (("factored",), ("rms",), ("factored", "absmax"))
+
+
 def _execute(work: list) -> None:
     """Run work items: local ones at once, sharded ones in phases of batched sums."""
     steps: list[_ParamStep] = []
+    plans: list[_FlatPlan] = []
     for item in work:
         if isinstance(item, _LocalStep):
             item()
+            continue
+        if isinstance(item, _FlatPlan):
+            plans.append(item)
             continue
         item.state["step"] += 1
         if math.prod(item.shard.shape) == 0:
@@ -789,11 +998,12 @@ def _execute(work: list) -> None:
         if item.args.maximize:
             item.grad = -item.grad
         steps.append(item)
-    if not steps:
+    if not steps and not plans:
         return
-    for phase in (_ParamStep.phase1, _ParamStep.phase2, _ParamStep.phase3):
+    for phase, kinds in zip((_ParamStep.phase1, _ParamStep.phase2, _ParamStep.phase3),
+                            _PHASE_KINDS):
         for s in steps:
             phase(s)
-        _all_reduce_partials(steps)
+        _all_reduce_partials(steps, plans, kinds)
     for s in steps:
         s.finish()

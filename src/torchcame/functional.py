@@ -123,17 +123,18 @@ def step_group(
     """One step of validated inputs: counts the steps, then runs one implementation.
 
     Every state's ``step`` is advanced here, once, before the implementation runs (the
-    DTensor path counts each when its deferred work runs).
+    DTensor and flat-partition path counts each when its deferred work runs).
     """
     if not params:
         return
     with torch.no_grad():
         impl = resolve_impl(params, foreach, fused)
-        if any(distributed.is_dtensor(p) for p in params):  # counts when its work runs
+        flat = any(distributed.is_flat_layout(layout) for layout in layouts)
+        if flat or any(distributed.is_dtensor(p) for p in params):  # counts when its work runs
             if impl == "fused":
-                warn_once("torchcame: fused=True on DTensor (FSDP2/TP) parameters: the local "
-                          "shards are stepped with the reference math (no fused kernel on "
-                          "the sharded path yet)")
+                warn_once("torchcame: fused=True on DTensor (FSDP2/TP) parameters or ZeRO flat "
+                          "partitions: the local shards are stepped with the reference math "
+                          "(no fused kernel on the sharded path yet)")
             distributed.step_dtensor(params, grads, states, args, layouts)
             return
         torch._foreach_add_([state["step"] for state in states], 1.0)

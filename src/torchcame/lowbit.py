@@ -29,6 +29,7 @@ __all__ = [
     "n_blocks",
     "quantize_blockwise",
     "dequantize_blockwise",
+    "block_absmax",
     "load_momentum",
     "store_momentum_",
     "stochastic_round_",
@@ -37,12 +38,16 @@ __all__ = [
 _QMAX = 127.0
 
 
-def _blocks(x: Tensor, block_size: int) -> Tensor:
-    """``x`` flattened and zero-padded to a ``(n_blocks, block_size)`` view."""
+def _blocks(x: Tensor, block_size: int, offset: int = 0) -> Tensor:
+    """``x`` flattened and zero-padded to a ``(n_blocks, block_size)`` view.
+
+    ``offset``: where ``x``'s first element sits in its first block (a slice of a larger
+    tensor that starts inside a block, as a ZeRO partition does); that many zeros go first.
+    """
     flat = x.reshape(-1)
-    pad = (-flat.numel()) % block_size
-    if pad:
-        flat = F.pad(flat, (0, pad))
+    pad = (-(offset + flat.numel())) % block_size
+    if pad or offset:
+        flat = F.pad(flat, (offset, pad))
     return flat.view(-1, block_size)
 
 
@@ -51,45 +56,64 @@ def n_blocks(numel: int, block_size: int) -> int:
     return math.ceil(numel / block_size)
 
 
-def quantize_blockwise(x: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+def block_absmax(x: Tensor, block_size: int, offset: int = 0) -> Tensor:
+    """The float32 absmax of each block of ``x`` (``offset`` as in :func:`quantize_blockwise`)."""
+    return _blocks(x.float(), block_size, offset).abs().amax(dim=1)
+
+
+def quantize_blockwise(x: Tensor, block_size: int, offset: int = 0,
+                       absmax: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Quantize ``x`` to int8 codes of its shape and one float32 absmax per block.
 
-    Rounds to nearest; all-zero blocks get scale 0 and codes 0.
+    Rounds to nearest; all-zero blocks get scale 0 and codes 0. ``offset``: ``x`` is a slice
+    of a larger tensor starting ``offset`` elements into its first block, so its first and
+    last blocks may be partial. ``absmax``: the scales to use (a partial block's absmax over
+    the whole block, from every rank holding part of it) instead of ``x``'s own.
     """
-    blocks = _blocks(x.float(), block_size)
-    absmax = blocks.abs().amax(dim=1)
+    blocks = _blocks(x.float(), block_size, offset)
+    if absmax is None:
+        absmax = blocks.abs().amax(dim=1)
     inv_scale = torch.where(absmax > 0, _QMAX / absmax, torch.zeros_like(absmax))
     codes = (blocks * inv_scale.unsqueeze(1)).round_().clamp_(-_QMAX, _QMAX).to(torch.int8)
-    return codes.reshape(-1)[: x.numel()].view(x.shape), absmax
+    return codes.reshape(-1)[offset : offset + x.numel()].view(x.shape), absmax
 
 
-def dequantize_blockwise(codes: Tensor, absmax: Tensor, block_size: int) -> Tensor:
+def dequantize_blockwise(codes: Tensor, absmax: Tensor, block_size: int,
+                         offset: int = 0) -> Tensor:
     """Inverse of :func:`quantize_blockwise`: a float32 tensor of ``codes``' shape."""
-    blocks = _blocks(codes, block_size).float()
+    blocks = _blocks(codes, block_size, offset).float()
     values = blocks.mul_((absmax.reshape(-1) / _QMAX).unsqueeze(1))
-    return values.reshape(-1)[: codes.numel()].view(codes.shape)
+    return values.reshape(-1)[offset : offset + codes.numel()].view(codes.shape)
 
 
-def load_momentum(state: dict, momentum: str, block_size: int, dtype: torch.dtype) -> Tensor:
+def load_momentum(state: dict, momentum: str, block_size: int, dtype: torch.dtype,
+                  offset: int = 0) -> Tensor:
     """The momentum ``m`` as a ``dtype`` tensor to compute with.
 
     ``momentum`` is the state's storage format (``StateLayout.momentum``). For ``"float32"``
     (the compute dtype) this is the state tensor itself, updated in place; for ``"bfloat16"``
-    and ``"int8"`` a new tensor, to be written back by :func:`store_momentum_`.
+    and ``"int8"`` a new tensor, to be written back by :func:`store_momentum_`. ``offset``:
+    int8 blocks of a slice (:func:`quantize_blockwise`).
     """
     exp_avg = state["exp_avg"]
     if momentum == "int8":
-        return dequantize_blockwise(exp_avg, state["exp_avg_absmax"], block_size).to(dtype)
+        return dequantize_blockwise(exp_avg, state["exp_avg_absmax"], block_size,
+                                    offset).to(dtype)
     if momentum == "bfloat16":
         return exp_avg.to(dtype)
     return exp_avg
 
 
-def store_momentum_(state: dict, momentum_value: Tensor, momentum: str, block_size: int) -> None:
-    """Write the float ``momentum_value`` back into the state's storage format ``momentum``."""
+def store_momentum_(state: dict, momentum_value: Tensor, momentum: str, block_size: int,
+                    offset: int = 0, absmax: Tensor | None = None) -> None:
+    """Write the float ``momentum_value`` back into the state's storage format ``momentum``.
+
+    ``offset`` and ``absmax``: int8 blocks of a slice and their scales
+    (:func:`quantize_blockwise`).
+    """
     exp_avg = state["exp_avg"]
     if momentum == "int8":
-        codes, absmax = quantize_blockwise(momentum_value, block_size)
+        codes, absmax = quantize_blockwise(momentum_value, block_size, offset, absmax)
         exp_avg.copy_(codes)
         state["exp_avg_absmax"].copy_(absmax.view(state["exp_avg_absmax"].shape))
     elif momentum_value is not exp_avg:

@@ -163,12 +163,15 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, *, include_scalars: 
     Returns:
         The total size in bytes of the distinct storages of all state tensors.
     """
-    tensors = []
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, Tensor) and (include_scalars or value.dim() > 0):
-                tensors.append(value)
+    tensors = [value for value in _state_tensors(optimizer)
+               if include_scalars or value.dim() > 0]
     return tensor_bytes(tensors)
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """Every tensor in ``optimizer.state``, nested ones too (a flat partition's pieces)."""
+    flat, _ = tree_flatten([dict(state) for state in optimizer.state.values()])
+    return [value for value in flat if isinstance(value, Tensor)]
 
 
 @dataclass
@@ -204,8 +207,7 @@ def _baseline_tensors(baseline: Iterable[Any]) -> list[Tensor]:
             tensors += list(item.parameters()) + list(item.buffers())
             tensors += [p.grad for p in item.parameters() if p.grad is not None]
         elif isinstance(item, torch.optim.Optimizer):
-            for state in item.state.values():
-                tensors += [v for v in state.values() if isinstance(v, Tensor)]
+            tensors += _state_tensors(item)
         elif isinstance(item, Tensor):
             tensors.append(item)
         else:

@@ -50,6 +50,7 @@ __all__ = [
     "state_shapes",
     "state_dtype",
     "convert_state",
+    "check_entry",
     "check_layout_unchanged",
 ]
 
@@ -277,20 +278,8 @@ def convert_state(
     entry = {k: v for k, v in entry.items() if k not in _DROPPED_KEYS}
     if not entry:
         return {}
-    saved_shapes = state_shapes(param.shape, saved_layout)
-    missing = ({"step", *saved_shapes}) - set(entry)
-    unknown = set(entry) - {"step", *saved_shapes}
-    if missing or unknown:
-        raise ValueError(
-            f"{where} (shape {tuple(param.shape)}): the state does not match CAME's: missing "
-            f"{sorted(missing)}, unexpected {sorted(unknown)}"
-        )
-    out: dict[str, Any] = {"step": _check_step(entry["step"], where)}
-    for key, shape in saved_shapes.items():
-        out[key] = _check_tensor(key, entry[key], shape, where)
-    if saved_layout.quantized and _local(out["exp_avg"]).dtype != torch.int8:
-        raise ValueError(f"{where}: int8 momentum expected ('exp_avg' codes), got dtype "
-                         f"{_local(out['exp_avg']).dtype}")
+    out = check_entry(entry, state_shapes(param.shape, saved_layout), saved_layout,
+                      f"{where} (shape {tuple(param.shape)})")
     if saved_layout.factored_dims != layout.factored_dims:
         raise ValueError(
             f"{where}: the checkpoint factors this parameter over dims "
@@ -298,6 +287,30 @@ def convert_state(
             "(factor_dims / factor_min_dim differ); factored statistics cannot be converted"
         )
     return _convert_momentum(out, saved_layout, layout)
+
+
+def check_entry(entry: Mapping[str, Any], shapes: Mapping[str, tuple], layout: StateLayout,
+                where: str) -> dict[str, Any]:
+    """Check one parameter's saved state against the ``shapes`` of its tensors (all but
+    ``step``) under ``layout``: the keys, a whole ``step`` >= 0, each tensor's shape, dtype,
+    finiteness and sign, int8 codes where ``layout`` quantizes. Returns the checked entry
+    (``step`` as a float32 0-d tensor, tensors as given).
+
+    Raises:
+        ValueError: naming the parameter (``where``) and what is wrong.
+    """
+    missing = ({"step", *shapes}) - set(entry)
+    unknown = set(entry) - {"step", *shapes}
+    if missing or unknown:
+        raise ValueError(f"{where}: the state does not match CAME's: missing "
+                         f"{sorted(missing)}, unexpected {sorted(unknown)}")
+    out: dict[str, Any] = {"step": _check_step(entry["step"], where)}
+    for key, shape in shapes.items():
+        out[key] = _check_tensor(key, entry[key], shape, where)
+    if layout.quantized and _local(out["exp_avg"]).dtype != torch.int8:
+        raise ValueError(f"{where}: int8 momentum expected ('exp_avg' codes), got dtype "
+                         f"{_local(out['exp_avg']).dtype}")
+    return out
 
 
 def _local(value: Tensor) -> Tensor:
