@@ -359,6 +359,12 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert str(out / "report.md") in printed
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["steps"] == 20 and results["config"]["task"] == "gpt"
+    # the demo's own learning rates (the swept best of its setting), not the recipe defaults
+    from torchcame.recipes.demo import DEMO_LRS
+    from torchcame.recipes.optimizers import DEFAULT_LR
+
+    assert results["config"]["lrs"] == DEMO_LRS
+    assert DEMO_LRS["adamw"] != DEFAULT_LR["adamw"] and "best for this setting" in report
     assert len(results["runs"]) == 3 and results["wall_seconds"] > 0
     for run in results["runs"]:
         assert math.isfinite(run["final_val_loss"]) and run["optimizer_state_bytes"] > 0
