@@ -226,6 +226,18 @@ def launch_ranks(script: str, world: int, args: list[str], timeout: float,
     return logs
 
 
+def exit_rank() -> None:
+    """End a rank script once its results are on disk: flush, then leave without interpreter
+    teardown (gloo under torch 2.13 sometimes aborts a rank there after
+    destroy_process_group, "terminate called without an active exception")."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def rank_parser():
     """The command line of a rank started by :func:`launch_ranks` (``--rank``,
     ``--world-size``, ``--port``, ``--out``); a script adds its own arguments to it."""

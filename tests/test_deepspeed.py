@@ -35,12 +35,11 @@ import importlib
 import importlib.util
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from driver import launch_ranks, rank_parser
+from driver import exit_rank, launch_ranks, rank_parser
 from test_flat_partition import CountAllReduce, assert_close_rel, rebuild
 from torch import nn
 
@@ -494,6 +493,4 @@ def test_check_config_refuses_offload_and_elastic_checkpoints():
 if __name__ == "__main__":
     a = rank_parser().parse_args()
     worker(a.rank, a.world_size, a.port, a.out)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_rank()

@@ -20,12 +20,11 @@ in the 1-D tests (test_distributed.py), loose after 12 steps.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from driver import launch_ranks, rank_parser
+from driver import exit_rank, launch_ranks, rank_parser
 
 pytestmark = pytest.mark.distributed
 
@@ -318,6 +317,4 @@ if __name__ == "__main__":
     parser = rank_parser()
     a = parser.parse_args()
     worker(a.rank, a.world_size, a.port, a.out)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # gloo may abort a rank at interpreter teardown (see test_distributed.py)
+    exit_rank()

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from cases import param_tol
-from driver import launch_ranks, make_params, random_grads, rank_parser
+from driver import exit_rank, launch_ranks, make_params, random_grads, rank_parser
 
 pytestmark = pytest.mark.distributed
 
@@ -502,6 +501,4 @@ def test_attach_and_partition_errors():
 if __name__ == "__main__":
     a = rank_parser().parse_args()
     worker(a.rank, a.world_size, a.port, a.out)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_rank()

@@ -4,9 +4,9 @@ With no arguments it trains a 2-layer GPT-2 (d_model 128, context 64, byte vocab
 300 steps of 16 sequences on
 this interpreter's standard library with CAME, AdamW and Adafactor -- same seed, initial
 weights, batches and schedule (warmup 10%, cosine to 10%), each at its best peak lr for this
-setting (:data:`DEMO_LRS`) -- and writes ``./torchcame-report/demo-<UTC time>/`` (``report.md``, ``loss.png``,
-``results.json``). ``--quick`` is a seconds-long smoke run (tiny model, 20 steps) for tests;
-every option of the GPT recipe is accepted.
+setting (:data:`DEMO_LRS`) -- and writes ``./torchcame-report/demo-<UTC time>/``
+(``report.md``, ``loss.png``, ``results.json``). ``--quick`` is a seconds-long smoke run
+(tiny model, 20 steps) for tests; every option of the GPT recipe is accepted.
 """
 
 from __future__ import annotations
