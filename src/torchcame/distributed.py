@@ -48,7 +48,6 @@ ranks. Whole pieces run the reference step on views.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import sys
 from collections.abc import Collection, Iterator, Sequence
@@ -136,14 +135,18 @@ def _layout(param: Tensor, layout: StateLayout | None = None) -> ShardLayout:
     return shard_layout(param)
 
 
-@functools.cache
+_DTENSOR_CLS: list[type | None] = []  # filled on first use (not functools.cache: Dynamo warns)
+
+
 def _dtensor_cls() -> type | None:
     """The DTensor class, imported once (``is_dtensor`` runs for every tensor of every step)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return None
-    return DTensor
+    if not _DTENSOR_CLS:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover - torch without distributed
+            DTensor = None
+        _DTENSOR_CLS.append(DTensor)
+    return _DTENSOR_CLS[0]
 
 
 def _local(t: Tensor) -> Tensor:
