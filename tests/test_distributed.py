@@ -14,6 +14,10 @@ Every scenario, and the single-process references, step through the suite's one 
 loop (``driver.train``), fed by :func:`batch_grads` (a model's backward on a rank's share of
 the global batch) or by :func:`placement_grads` (gradients assigned to DTensors).
 
+A third launch (2 ranks, ``--mode triton``) repeats the FSDP2, placement, bias-correction and
+int8 scenarios with ``fused=True`` under the Triton testing switch: the kernels step the local
+shards (under Triton's interpreter) and must meet the same bound.
+
 Run alone: ``pytest -m distributed tests/test_distributed.py``; a worker is this file run as a
 script (``python tests/test_distributed.py --rank R --world-size W --port P --out DIR``).
 """
@@ -41,6 +45,9 @@ EARLY_STEPS = 1  # bf16 momentum: compared tightly before rounding flips compoun
 GLOBAL_BATCH = 6  # divisible by 1, 2 and 3 ranks
 HYPER = dict(lr=1e-2, weight_decay=0.1, foreach=False)  # the reference implementation
 TIMEOUT = 240  # seconds per launch
+#: the ``triton`` launch: fused=True, run by the Triton kernels under their interpreter
+TRITON_HYPER = dict(lr=1e-2, weight_decay=0.1, fused=True)
+TRITON_ENV = {"TRITON_INTERPRET": "1", "TORCHCAME_FUSED_BACKEND": "triton"}
 
 
 # ------------------------------------------------------------------------- model and data
@@ -571,8 +578,23 @@ def _scenario_errors(rank, world, out: Path) -> None:
     except UnsupportedShardingError:
         pass
     untouched = bool(full(good.detach()).eq(1).all()) and good.grad is not None
+    # fused=True on CPU shards without the Triton switch: the reference math, with a warning
+    import warnings
+
+    from torchcame import _warnings
+
+    _warnings._warned.clear()
+    stepped = {}
+    for fused in (True, False):
+        p = nn.Parameter(distribute_tensor(torch.arange(12.0).reshape(4, 3), mesh, [Shard(0)]))
+        p.grad = distribute_tensor(torch.linspace(-1, 1, 12).reshape(4, 3), mesh, [Shard(0)])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            CAME([p], lr=1e-2, fused=fused).step()
+        stepped[fused] = (full(p.detach()), [str(w.message) for w in caught])
     if rank == 0:
         messages["_second_group_untouched"] = untouched
+        messages["_fused_cpu"] = stepped
         torch.save(messages, out / f"errors_w{world}.pt")
 
 
@@ -655,6 +677,20 @@ def worker(rank: int, world: int, port: int, out: Path, mode: str) -> None:
             _scenario_errors(rank, world, out)
             _scenario_ddp(rank, world, out)
             _scenario_zero(rank, world, out)
+        if mode == "triton":  # fused=True: the Triton kernels on the local shards
+            global HYPER
+            HYPER = TRITON_HYPER
+            from torchcame._impl import triton_kernels
+
+            _scenario_fsdp(rank, world, out, save_ckpt=False)
+            fsdp_launches = dict(triton_kernels.LAUNCHES)  # every parameter sharded
+            _scenario_placements(rank, world, out)
+            _scenario_fsdp_shard1(rank, world, out)
+            _scenario_bias_correction(rank, world, out)
+            _scenario_int8_momentum(rank, world, out)
+            if rank == 0:
+                torch.save({"fsdp": fsdp_launches, "all": dict(triton_kernels.LAUNCHES)},
+                           out / "launches.pt")
         if mode in ("resume", "main") and (out.parent / "w2" / "ckpt").exists() and world != 2:
             _scenario_resume(rank, world, out, out.parent / "w2" / "ckpt")
         dist.barrier()
@@ -665,9 +701,9 @@ def worker(rank: int, world: int, port: int, out: Path, mode: str) -> None:
 # ---------------------------------------------------------------------------------- launch
 
 
-def launch(world: int, out: Path, mode: str = "main") -> None:
+def launch(world: int, out: Path, mode: str = "main", env: dict | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    launch_ranks(__file__, world, ["--out", str(out), "--mode", mode], TIMEOUT)
+    launch_ranks(__file__, world, ["--out", str(out), "--mode", mode], TIMEOUT, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -809,6 +845,10 @@ def test_fsdp2_collectives_per_step(runs, world):
 @pytest.mark.parametrize("world", [2, 3])
 def test_dtensor_placements_equal_single_process(runs, world):
     got = _load(runs / f"w{world}" / f"placements_w{world}.pt")
+    _check_placements(got)
+
+
+def _check_placements(got: dict, bitwise_replicated: bool = True) -> None:
     ref = {}
     from torchcame import CAME
 
@@ -822,14 +862,88 @@ def test_dtensor_placements_equal_single_process(runs, world):
         for k, v in optim.state[p].items():
             ref[f"{name}.{k}"] = v
     assert_close_rel(got, ref)
-    # a replicated parameter takes the reference step on every rank: bitwise equal
-    assert torch.equal(got["rep"], ref["rep"])
+    if bitwise_replicated:  # a replicated parameter takes the reference step on every rank
+        assert torch.equal(got["rep"], ref["rep"])
+
+
+# ------------------------------------------------- fused=True: Triton kernels on local shards
+
+
+@pytest.fixture(scope="module")
+def triton_runs(tmp_path_factory) -> Path:
+    """2 ranks with ``fused=True`` and the Triton testing switch (the kernels under Triton's
+    interpreter on CPU shards): FSDP2 Shard(0) and Shard(1), direct placements, bias
+    correction and int8 momentum."""
+    pytest.importorskip("triton", reason="triton is not installed (it is in the [dev] extra)")
+    root = tmp_path_factory.mktemp("dist_triton")
+    launch(2, root / "w2", mode="triton", env=TRITON_ENV)
+    return root / "w2"
+
+
+def test_triton_kernels_ran_on_the_local_shards(triton_runs):
+    """Under FSDP2 (every parameter sharded) each step's passes over the matrices and the
+    vectors ran as kernels, and no statistics launch ran: the sharded step reduces the sums
+    across ranks between the passes instead. The other scenarios (direct placements, Shard(1),
+    bias correction, int8) ran kernels too."""
+    launches = _load(triton_runs / "launches.pt")
+    fsdp, everything = launches["fsdp"], launches["all"]
+    for name in ("pass1", "pass2", "pass3", "vector"):
+        assert fsdp[name] >= STEPS and fsdp[name] % STEPS == 0, fsdp
+    assert fsdp["update"] == fsdp["pass1"] + fsdp["vector"], fsdp
+    assert "stat_ema" not in fsdp and "denom" not in fsdp, fsdp
+    for name in ("pass1", "pass3", "vector", "update"):
+        assert everything[name] >= fsdp[name] + 4 * STEPS, everything
+
+
+def test_triton_fsdp2_equals_single_process(triton_runs, reference):
+    got = _load(triton_runs / "fsdp_w2.pt")
+    assert_close_rel(got["params"], reference["params"])
+    assert_close_rel(got["state"], reference["state"])
+    calls, _ = got["all_reduces"]
+    assert calls == 3  # the same three reductions as the reference math's
+
+
+def test_triton_fsdp2_shard1_equals_single_process(triton_runs, reference):
+    got = _load(triton_runs / "fsdp_shard1_w2.pt")
+    assert got["placements"] == "(Shard(dim=1),)"
+    assert_close_rel(got["params"], reference["params"])
+    assert_close_rel(got["state"], reference["state"])
+
+
+def test_triton_placements_equal_single_process(triton_runs):
+    _check_placements(_load(triton_runs / "placements_w2.pt"), bitwise_replicated=False)
+
+
+def test_triton_bias_correction_equals_single_process(triton_runs):
+    got = _load(triton_runs / "bias_correction_w2.pt")
+    ref = reference_run(STEPS, bias_correction=True)
+    assert_close_rel(got["params"], ref["params"])
+    assert_close_rel(got["state"], ref["state"])
+
+
+def test_triton_int8_momentum_equals_single_process(triton_runs):
+    """As the reference math's int8 test: tight after one step (codes at most one apart),
+    loose after twelve."""
+    got = _load(triton_runs / "int8_momentum_w2.pt")
+    early = reference_int8_run(EARLY_STEPS)
+    assert_close_rel(got["early"]["params"], early["params"])
+    for key, value in early["state"].items():
+        if value.dtype == torch.int8:
+            assert (got["early"]["state"][key].int() - value.int()).abs().max() <= 1, key
+        else:
+            assert_close_rel({key: got["early"]["state"][key].reshape(-1)},
+                             {key: value.reshape(-1)})
+    assert_close_rel(got["params"], reference_int8_run(STEPS)["params"], rtol=1e-2)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_unsupported_layouts_raise(runs, world):
     messages = _load(runs / f"w{world}" / f"errors_w{world}.pt")
     assert messages.pop("_second_group_untouched") is True
+    fused = messages.pop("_fused_cpu")  # {fused: (parameter after a step, warnings)}
+    assert torch.equal(fused[True][0], fused[False][0])  # the reference math, bit for bit
+    assert any("fused=True on DTensor" in w and "reference math" in w for w in fused[True][1])
+    assert not any("fused" in w for w in fused[False][1])
     assert sorted(messages) == ["partial", "strided", "strided_2d"]
     for message in messages.values():
         assert "fully_shard" in message

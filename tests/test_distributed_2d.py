@@ -12,6 +12,9 @@ Replicate mix steps as one process holding the full tensors; DCP reshards bit fo
 * DCP: the 2x2 optimizer state saved with ``torch.distributed.checkpoint`` and loaded on a
   4x1 mesh (in the workers) and on 1 process (here), bit for bit.
 
+* ``--mode triton``: the float32 and int8 layouts and the FSDP2-over-TP model again with
+  ``fused=True``, the Triton kernels (under their interpreter) stepping the local shards.
+
 Tolerance (float32): every tensor within ``max|a - b| <= 1e-5 * max|b|`` of the single
 process after 12 steps (cross-rank sums change the summation order). bf16/int8 momentum: as
 in the 1-D tests (test_distributed.py), loose after 12 steps.
@@ -33,6 +36,11 @@ LOWBIT_RTOL = 1e-2  # bf16/int8 momentum: as the 1-D tests (one rounding of m, c
 STEPS = 12
 TIMEOUT = 300
 HYPER = dict(lr=1e-2, weight_decay=0.1, foreach=False)
+#: the ``triton`` launch: fused=True, the Triton kernels (under their interpreter) on the shards
+TRITON_HYPER = dict(lr=1e-2, weight_decay=0.1, fused=True)
+TRITON_ENV = {"TRITON_INTERPRET": "1", "TORCHCAME_FUSED_BACKEND": "triton"}
+INT8_OPTIONS = {"momentum_dtype": "int8", "min_quantized_numel": 64,
+                "quantization_block_size": 32}
 
 
 def _specs():
@@ -158,6 +166,58 @@ def single_model_run(steps: int = STEPS) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def triton_worker(rank: int, world: int, port: int, out: Path) -> None:
+    """``fused=True`` on the 2x2 mesh: the hand-placed layouts (float32 and int8 momentum) and
+    the FSDP2-over-TP model, stepped by the Triton kernels on the local shards."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from torchcame._impl import triton_kernels
+
+    global HYPER
+    HYPER = TRITON_HYPER
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        results = {}
+        for label, specs, options in (("float32", _specs(), {}),
+                                      ("int8", _int8_specs(), INT8_OPTIONS)):
+            params, opt = _sharded_run(specs, mesh, **options)
+            results[label] = _gathered(params, opt)
+        results["fsdp_tp"] = _fsdp_tp_run(mesh)
+        results["launches"] = dict(triton_kernels.LAUNCHES)
+        if rank == 0:
+            torch.save(results, out / "results_triton.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp_tp_run(mesh) -> dict[str, torch.Tensor]:
+    """A real model: tensor parallel on "tp", FSDP2 on "dp" (weights become _StridedShard)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    from torchcame import CAME
+
+    model = _model()
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    opt = CAME(model.parameters(), **HYPER)
+    for step in range(STEPS):
+        x, y = _data(step)  # every rank the same batch: the mean over dp is the batch's
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return {n: _full(p.detach()) for n, p in model.named_parameters()}
+
+
 def worker(rank: int, world: int, port: int, out: Path) -> None:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -175,8 +235,7 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
         for label, specs, options in (
             ("float32", _specs(), {}),
             ("bfloat16", _specs(), {"momentum_dtype": torch.bfloat16}),
-            ("int8", _int8_specs(), {"momentum_dtype": "int8", "min_quantized_numel": 64,
-                                     "quantization_block_size": 32}),
+            ("int8", _int8_specs(), INT8_OPTIONS),
         ):
             params, opt = _sharded_run(specs, mesh, **options)
             results[label] = _gathered(params, opt)
@@ -205,7 +264,8 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
         except NotImplementedError as exc:
             results["int8_cut_error"] = str(exc) + f" | state created: {bool(bad_opt.state)}"
 
-        # a real model: tensor parallel on "tp", FSDP2 on "dp" (weights become _StridedShard)
+        results["fsdp_tp"] = _fsdp_tp_run(mesh)
+        model = _model()  # the placements fully_shard over parallelize_module gives
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor.parallel import (
             ColwiseParallel,
@@ -213,16 +273,8 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
             parallelize_module,
         )
 
-        model = _model()
         parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
         fully_shard(model, mesh=mesh["dp"])
-        opt = CAME(model.parameters(), **HYPER)
-        for step in range(STEPS):
-            x, y = _data(step)  # every rank the same batch: the mean over dp is the batch's
-            ((model(x) - y) ** 2).mean().backward()
-            opt.step()
-            opt.zero_grad()
-        results["fsdp_tp"] = {n: _full(p.detach()) for n, p in model.named_parameters()}
         results["fsdp_tp_placements"] = {n: str(p.placements) for n, p in
                                          model.named_parameters()}
         if rank == 0:
@@ -237,6 +289,31 @@ def run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("mesh2d")
     launch_ranks(__file__, 4, ["--out", str(out)], TIMEOUT)
     return out
+
+
+@pytest.fixture(scope="module")
+def triton_run(tmp_path_factory) -> dict:
+    """4 ranks with ``fused=True`` and the Triton testing switch (interpreter, CPU shards)."""
+    pytest.importorskip("triton", reason="triton is not installed (it is in the [dev] extra)")
+    out = tmp_path_factory.mktemp("mesh2d_triton")
+    launch_ranks(__file__, 4, ["--out", str(out), "--mode", "triton"], TIMEOUT, env=TRITON_ENV)
+    return torch.load(out / "results_triton.pt", weights_only=False)
+
+
+def test_triton_kernels_step_every_2d_layout_as_one_process(triton_run):
+    launches = triton_run["launches"]
+    assert launches.get("pass1", 0) >= STEPS and launches.get("vector", 0) >= STEPS, launches
+    _assert_close(triton_run["float32"], single_run(_specs()), RTOL)
+
+
+def test_triton_kernels_int8_on_2d_layouts(triton_run):
+    got, want = triton_run["int8"], single_run(_int8_specs(), **INT8_OPTIONS)
+    _assert_close({k: v for k, v in got.items() if not k.endswith("absmax")},
+                  {k: v for k, v in want.items() if not k.endswith("absmax")}, LOWBIT_RTOL)
+
+
+def test_triton_kernels_fsdp2_over_tensor_parallel_model(triton_run):
+    _assert_close(triton_run["fsdp_tp"], single_model_run(), RTOL)
 
 
 def _results(run: Path) -> dict:
@@ -265,9 +342,8 @@ def test_every_2d_layout_steps_as_one_process(run, label, options, rtol):
 
 
 def test_int8_on_2d_layouts_with_whole_blocks(run):
-    options = {"momentum_dtype": "int8", "min_quantized_numel": 64, "quantization_block_size": 32}
     got = _results(run)["int8"]
-    want = single_run(_int8_specs(), **options)
+    want = single_run(_int8_specs(), **INT8_OPTIONS)
     _assert_close({k: v for k, v in got.items() if not k.endswith("absmax")},
                   {k: v for k, v in want.items() if not k.endswith("absmax")}, LOWBIT_RTOL)
     for key in want:  # the scales: the single process's, viewed per dim-0 slice
@@ -315,6 +391,7 @@ def test_dcp_2x2_to_4x1_and_to_one_process_bitwise(run, tmp_path):
 
 if __name__ == "__main__":
     parser = rank_parser()
+    parser.add_argument("--mode", default="main")
     a = parser.parse_args()
-    worker(a.rank, a.world_size, a.port, a.out)
+    (triton_worker if a.mode == "triton" else worker)(a.rank, a.world_size, a.port, a.out)
     exit_rank()

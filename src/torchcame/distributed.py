@@ -43,6 +43,16 @@ piece ``[a, b)`` of a parameter's row-major flattening has a
 with partial rows; its sums travel in slot buffers every rank lays out alike from the
 partition map (:func:`_reduce_flat`), plus a MAX for the int8 scales of blocks cut between
 ranks. Whole pieces run the reference step on views.
+
+**Fused (Triton) local shards.** With ``fused=True`` on CUDA (with triton; on CPU under the
+testing switch ``TORCHCAME_FUSED_BACKEND=triton``), DTensor local shards are stepped by the
+Triton kernels of :mod:`torchcame._impl.triton_kernels` through the same three phases
+(:class:`_KernelGroup`): the kernels make the passes over the shards (pass 1 of ``G``, pass 2
+of ``u²``, pass 3 of the momentum and ``U``, the update), grouped into a few launches for
+all tensors; between them the raw row and column sums and ``sum u²`` are read from their
+workspace, reduced with the same all-reduces, and the EMAs, factors and clip divisor are
+computed here on O(rows + cols) vectors and written back for the next pass. Flat partitions,
+moved factored dims and float64 keep the reference math.
 """
 
 from __future__ import annotations
@@ -67,6 +77,7 @@ from ._factored import (
     clip_,
     compute_dtype,
     ema_,
+    factor_rsqrt,
 )
 from ._impl.reference import step_single_tensor
 from .flat_partition import (
@@ -215,10 +226,16 @@ class ShardLayout:
     def factored_partials(self, value: Tensor, old_rows: Tensor) -> list[tuple[Tensor, Any]]:
         """Row sums, column sums, ``sum old_rows`` and ``sum value`` of the local box, each
         with the mesh dims that must reduce it (phases 1 and 3)."""
+        return self.partials_from_sums(value.sum(dim=-1), value.sum(dim=-2), old_rows)
+
+    def partials_from_sums(self, row_sum: Tensor, col_sum: Tensor,
+                           old_rows: Tensor) -> list[tuple[Tensor, Any]]:
+        """:meth:`factored_partials` from the local box's row and column sums (the Triton
+        kernels' passes produce these)."""
         rows, cols = self.sharding([-2]), self.sharding([-1])
         both = tuple(sorted(set(rows) | set(cols)))
-        return [(value.sum(dim=-1), cols), (value.sum(dim=-2), rows),
-                (old_rows.sum(dim=-1), rows), (value.sum(dim=(-2, -1)), both)]
+        return [(row_sum, cols), (col_sum, rows), (old_rows.sum(dim=-1), rows),
+                (row_sum.sum(dim=-1), both)]
 
     def scaled(self, row: Tensor, col: Tensor, row_mean: Tensor, value: Tensor) -> Tensor:
         """``value / sqrt(S_hat)`` on the local box, ``S_hat = (row / row_mean) ⊗ col``."""
@@ -628,6 +645,8 @@ class _ParamStep:
     momentum: Tensor | None = None
     # int8 scales reduced across ranks (blocks a flat partition's boundary cuts), or None
     absmax: Tensor | None = None
+    # stepped by the Triton kernels (fused=True): :class:`_KernelGroup` runs its phases
+    kernel: bool = False
 
     @property
     def factored(self) -> bool:
@@ -841,7 +860,7 @@ def all_finite(tensors: Sequence[Tensor], groups_of_plain: Sequence[Any] = ()) -
 
 
 def step_dtensor(params: list[Tensor], grads: list[Tensor], states: list[dict],
-                 args: StepArgs, layouts: list[StateLayout]) -> None:
+                 args: StepArgs, layouts: list[StateLayout], fused: bool = False) -> None:
     """One CAME step for a param group holding DTensor or flat-partition (and possibly plain)
     parameters.
 
@@ -852,8 +871,12 @@ def step_dtensor(params: list[Tensor], grads: list[Tensor], states: list[dict],
     groups share them. Every rank of the group must call this with the same parameters (as
     FSDP2 and DeepSpeed guarantee). The local math is the reference's. Each state's
     ``step`` is counted when its work runs (deferred work that is dropped counts nothing).
+
+    With ``fused=True``, local shards (and whole tensors) on devices the Triton kernels run on
+    (:func:`kernel_device`) are stepped by them, through the same three reductions
+    (:class:`_KernelGroup`); flat partitions keep the reference math.
     """
-    work = _prepare(params, grads, states, args, layouts)
+    work = _prepare(params, grads, states, args, layouts, fused)
     pending = _PENDING.get()
     if pending is not None:
         pending.extend(work)
@@ -886,25 +909,63 @@ def batched_collectives() -> Iterator[None]:
 
 @dataclass
 class _LocalStep:
-    """A tensor every rank holds whole (plain, or replicated): the reference step."""
+    """A tensor every rank holds whole (plain, or replicated): the reference step, or the
+    Triton kernels' (``kernel``)."""
 
     param: Tensor
     grad: Tensor
     state: dict[str, Tensor]
     args: StepArgs
     layout: StateLayout
+    kernel: bool = False
 
     def __call__(self) -> None:
         self.state["step"] += 1
+        if self.kernel:
+            from ._impl.triton_kernels import step_triton
+
+            step_triton([self.param], [self.grad], [self.state], self.args, [self.layout])
+            return
         step_single_tensor([self.param], [self.grad], [self.state], self.args, [self.layout])
+
+
+def kernel_device(device: torch.device) -> bool:
+    """Whether ``fused=True`` steps sharded tensors on ``device`` with the Triton kernels:
+    CUDA with triton importable, or CPU under the testing switch
+    ``TORCHCAME_FUSED_BACKEND=triton`` (Triton's interpreter). Imports triton only then."""
+    import os
+
+    if device.type != "cuda" and os.environ.get("TORCHCAME_FUSED_BACKEND") != "triton":
+        return False
+    from ._impl.triton_kernels import use_triton
+
+    return use_triton(device)
+
+
+def _kernel_eligible(param: Tensor, grad: Tensor, layout: StateLayout) -> bool:
+    """Whether a local shard can run the kernels' phases: contiguous, float32/bf16/fp16,
+    float32 compute, factored over its last two dims (or not factored), not empty."""
+    ok = (torch.float32, torch.bfloat16, torch.float16)
+    return (param.numel() > 0 and param.is_contiguous() and param.dtype in ok
+            and grad.dtype in ok and layout.compute_dtype == torch.float32
+            and not layout.moved(param.dim()))
 
 
 def _prepare(
     params: list[Tensor], grads: list[Tensor], states: list[dict], args: StepArgs,
-    layouts: list[StateLayout],
+    layouts: list[StateLayout], fused: bool = False,
 ) -> list:
     """Validate a group and turn it into work items; changes no parameter and no state."""
     work: list = []
+    devices: dict[torch.device, bool] = {}
+
+    def on_kernels(t: Tensor) -> bool:
+        if not fused:
+            return False
+        if t.device not in devices:
+            devices[t.device] = kernel_device(t.device)
+        return devices[t.device]
+
     for param, grad, state, layout in zip(params, grads, states, layouts):
         if is_flat_layout(layout):
             work += _flat_work(param, grad, state, args, layout)
@@ -912,7 +973,7 @@ def _prepare(
         if not _is_dtensor(param):
             if _is_dtensor(grad):
                 raise TypeError("a plain parameter got a DTensor gradient")
-            work.append(_LocalStep(param, grad, state, args, layout))
+            work.append(_LocalStep(param, grad, state, args, layout, on_kernels(param)))
             continue
         check_layout(param, layout)
         sharding = _layout(param, layout)
@@ -933,11 +994,13 @@ def _prepare(
                 f"local shard {tuple(local_param.shape)}; build it with torchcame.init_state or "
                 "load it with CAME.load_state_dict / set_optimizer_state_dict"
             )
+        kernel = on_kernels(local_param)
         if not sharding.sharded:  # every rank holds the whole tensor: the reference step
-            work.append(_LocalStep(local_param, local_grad, local_state, args, layout))
+            work.append(_LocalStep(local_param, local_grad, local_state, args, layout, kernel))
             continue
+        kernel = kernel and _kernel_eligible(local_param, local_grad, layout)
         work.append(_ParamStep(param=local_param, grad=local_grad, state=local_state,
-                               shard=sharding, args=args, layout=layout))
+                               shard=sharding, args=args, layout=layout, kernel=kernel))
     return work
 
 
@@ -995,6 +1058,9 @@ def _execute(work: list) -> None:
         item.state["step"] += 1
         if math.prod(item.shard.shape) == 0:
             continue
+        if item.kernel:  # the kernels read the gradient's dtype and apply the sign
+            steps.append(item)
+            continue
         dtype = item.layout.compute_dtype
         if item.grad.dtype != dtype:
             item.grad = item.grad.to(dtype)
@@ -1003,10 +1069,109 @@ def _execute(work: list) -> None:
         steps.append(item)
     if not steps and not plans:
         return
-    for phase, kinds in zip((_ParamStep.phase1, _ParamStep.phase2, _ParamStep.phase3),
-                            _PHASE_KINDS):
-        for s in steps:
+    plain = [s for s in steps if not s.kernel]
+    groups = _KernelGroup.build([s for s in steps if s.kernel])
+    phases = (_ParamStep.phase1, _ParamStep.phase2, _ParamStep.phase3)
+    for index, (phase, kinds) in enumerate(zip(phases, _PHASE_KINDS)):
+        for s in plain:
             phase(s)
+        for group in groups:
+            group.phase(index)
         _all_reduce_partials(steps, plans, kinds)
-    for s in steps:
+    for s in plain:
         s.finish()
+    for group in groups:
+        group.finish()
+
+
+class _KernelGroup:
+    """Sharded steps of one Triton launch group (:class:`TritonGroup`), in the three phases
+    of :class:`_ParamStep`: the kernels make the passes over the local shards, and the
+    O(rows + cols) work between them runs here, on the reduced sums, with the reference's
+    math (``_factored_statistics``, :func:`factor_rsqrt`, the RMS clip)."""
+
+    def __init__(self, group: Any, steps: list[_ParamStep]) -> None:
+        self.group, self.steps = group, steps
+
+    @classmethod
+    def build(cls, steps: list[_ParamStep]) -> list[_KernelGroup]:
+        """The launch groups of ``steps`` (per param group's hyperparameters and kernel
+        key); tensors the kernels turn down take the reference phases instead."""
+        if not steps:
+            return []
+        from ._impl.triton_kernels import TritonGroup, plan_groups
+
+        out = []
+        by_args: dict[int, list[_ParamStep]] = {}
+        for s in steps:
+            by_args.setdefault(id(s.args), []).append(s)
+        for members in by_args.values():
+            args = members[0].args
+            groups, fallback, seed = plan_groups(
+                [s.param for s in members], [s.grad for s in members],
+                [s.state for s in members], args, [s.layout for s in members])
+            for i in fallback:  # the reference phases (grad in compute dtype, signed)
+                s = members[i]
+                s.kernel = False
+                s.grad = s.grad.to(s.layout.compute_dtype)
+                if args.maximize:
+                    s.grad = -s.grad
+            for key, idx in groups.items():
+                chosen = [members[i] for i in idx]
+                out.append(cls(TritonGroup(key, [s.param for s in chosen],
+                                           [s.grad for s in chosen], [s.state for s in chosen],
+                                           [s.layout for s in chosen], idx, args, seed),
+                               chosen))
+        return out
+
+    def phase(self, index: int) -> None:
+        """Phase ``index`` (0, 1, 2) of :class:`_ParamStep`, leaving each step's partials."""
+        group, steps = self.group, self.steps
+        if index == 0:  # row/column sums of G
+            if group.factored:
+                group.pass1()
+                self._factored_partials("exp_avg_sq_row", "exp_avg_sq_col")
+            return
+        if index == 1:  # r, c and their factors; sum u^2
+            if group.factored:
+                for j, s in enumerate(steps):
+                    self._factors(j, s, 0)
+                group.pass2()
+            else:
+                group.vector()
+            for j, s in enumerate(steps):
+                s.partials = [(group.sq_sum(j), s.shard.rms_reduction)]
+            return
+        # the clip divisor; momentum and the row/column sums of U
+        for j, s in enumerate(steps):
+            ((sum_sq, _),) = s.partials
+            rms = sum_sq.reshape(()).sqrt() / math.sqrt(s.shard.numel)
+            group.set_denom(j, (rms / s.args.clip_threshold).clamp_(min=1.0))
+            s.partials = []
+        if group.factored:
+            group.pass3()
+            self._factored_partials("exp_avg_res_row", "exp_avg_res_col")
+
+    def finish(self) -> None:
+        """R, C and their factors; the update (parameters and stored momentum)."""
+        if self.group.factored:
+            for j, s in enumerate(self.steps):
+                self._factors(j, s, 1)
+        self.group.update()
+        for s in self.steps:
+            s.partials = []
+
+    def _factored_partials(self, row_key: str, col_key: str) -> None:
+        for j, s in enumerate(self.steps):
+            row_sum, col_sum = self.group.factored_sums(j)
+            old_rows = s.state[row_key]
+            s.partials = s.shard.partials_from_sums(
+                row_sum.view(old_rows.shape), col_sum.view(s.state[col_key].shape), old_rows)
+
+    def _factors(self, j: int, s: _ParamStep, res: int) -> None:
+        keys = ("exp_avg_res_row", "exp_avg_res_col") if res else ("exp_avg_sq_row",
+                                                                    "exp_avg_sq_col")
+        beta = s.args.betas[2 if res else 1]
+        row_mean = s._factored_statistics(*keys, beta)
+        row_factor, col_factor = factor_rsqrt(s.state[keys[0]], s.state[keys[1]], row_mean)
+        self.group.set_factors(j, res, row_factor, col_factor)

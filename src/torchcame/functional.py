@@ -131,11 +131,14 @@ def step_group(
         impl = resolve_impl(params, foreach, fused)
         flat = any(distributed.is_flat_layout(layout) for layout in layouts)
         if flat or any(distributed.is_dtensor(p) for p in params):  # counts when its work runs
-            if impl == "fused":
-                warn_once("torchcame: fused=True on DTensor (FSDP2/TP) parameters or ZeRO flat "
-                          "partitions: the local shards are stepped with the reference math "
-                          "(no fused kernel on the sharded path yet)")
-            distributed.step_dtensor(params, grads, states, args, layouts)
+            fused_ = impl == "fused"
+            if fused_ and (flat or not all(distributed.kernel_device(_local_device(p))
+                                           for p in params)):
+                warn_once("torchcame: fused=True on DTensor (FSDP2/TP) parameters outside CUDA "
+                          "with Triton, or on ZeRO flat partitions: those local shards are "
+                          "stepped with the reference math (the sharded path's fused kernels "
+                          "are the Triton ones)")
+            distributed.step_dtensor(params, grads, states, args, layouts, fused=fused_)
             return
         torch._foreach_add_([state["step"] for state in states], 1.0)
         if impl == "reference":
@@ -144,6 +147,10 @@ def step_group(
             step_multi_tensor(params, grads, states, args, layouts)
         else:
             _step_fused(params, grads, states, args, layouts)
+
+
+def _local_device(param: Tensor) -> torch.device:
+    return param.to_local().device if distributed.is_dtensor(param) else param.device
 
 
 def _subset(index: list[int], *lists: list) -> tuple[list, ...]:

@@ -88,6 +88,13 @@ element's offset to its view coordinates (``(offset // stride) % size``, three d
 needs the other dims to merge into one batch dim (true when they are adjacent in memory, as
 for ``(o, i, kh, kw)``); other layouts are not handled.
 
+**Sharded tensors** (FSDP2 / tensor-parallel DTensor local shards, ``fused=True``): the
+passes run on the local shards as they are, and :mod:`torchcame.distributed` reduces the raw
+partial sums between them (:class:`TritonGroup`'s ``factored_sums`` / ``sq_sum``, then
+``set_factors`` / ``set_denom``) in place of the statistics and denominator launches, so the
+traffic per element is the table's and each step adds the same three all-reduces as the
+reference math on shards.
+
 **Not handled here** (stepped by the reference path instead, with a one-time warning naming
 both): moved factored dims whose other dims do not merge, float64 parameters or gradients,
 non-contiguous parameters or states, states on another device than their parameter.
@@ -117,8 +124,8 @@ from torch import Tensor
 from .._warnings import warn_once
 from ..options import StepArgs
 
-__all__ = ["step_triton", "triton_available", "use_triton", "LAUNCHES", "interpreted",
-           "traffic_bytes"]
+__all__ = ["step_triton", "plan_groups", "TritonGroup", "triton_available", "use_triton",
+           "LAUNCHES", "interpreted", "traffic_bytes"]
 
 #: Launches per kernel name since import; tests read it to prove the Triton path ran.
 LAUNCHES: dict[str, int] = defaultdict(int)
@@ -813,25 +820,19 @@ def _launch(name: str, kernel, grid: int, *args, num_warps: int = 4, **kwargs) -
     LAUNCHES[name] += 1
 
 
-def step_triton(params: list[Tensor], grads: list[Tensor], states: list[dict],
-                args: StepArgs, layouts: list) -> None:
-    """One CAME step for each ``(param, grad, state)``, in place, with Triton kernels.
+def plan_groups(params: list[Tensor], grads: list[Tensor], states: list[dict], args: StepArgs,
+                layouts: list) -> tuple[dict[tuple, list[int]], list[int], int | None]:
+    """Sort tensors into launch groups; nothing is changed.
 
-    The caller has already counted the step (``state["step"]`` is this step's t). Tensors
-    the kernels do not handle (see the module docstring) are stepped by the reference path,
-    with a one-time warning; zero-size tensors are skipped.
+    Returns:
+        ``(groups, fallback, seed)``: group key -> indices of its tensors; the indices the
+        kernels do not handle (a one-time warning names why); the call's stochastic-rounding
+        seed (one draw of torch's default generator, or ``None``). Zero-size tensors are in
+        neither.
 
     Raises:
-        ValueError: a tensor on a device the kernels cannot run on (anything but CUDA, or
-            CPU under the interpreter), or a state that does not match its layout; raised
-            before anything is changed.
-
-    Args:
-        params: parameters (float32, bf16 or fp16; contiguous).
-        grads: their gradients (any float dtype; copied when non-contiguous).
-        states: per-parameter states, laid out as ``layouts`` say.
-        args: the group's hyperparameters.
-        layouts: one :class:`torchcame.state.StateLayout` per parameter.
+        ValueError: a tensor on a device the kernels cannot run on, or a state that does not
+            match its layout.
     """
     if triton is None:
         raise RuntimeError(f"torchcame: triton is not importable ({_TRITON_ERROR})")
@@ -864,15 +865,34 @@ def step_triton(params: list[Tensor], grads: list[Tensor], states: list[dict],
     seed = None
     if args.stochastic_rounding and any(key[1] != torch.float32 for key in groups):
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # one draw per call
+    return dict(groups), fallback, seed
+
+
+def step_triton(params: list[Tensor], grads: list[Tensor], states: list[dict],
+                args: StepArgs, layouts: list) -> None:
+    """One CAME step for each ``(param, grad, state)``, in place, with Triton kernels.
+
+    The caller has already counted the step (``state["step"]`` is this step's t). Tensors
+    the kernels do not handle (see the module docstring) are stepped by the reference path,
+    with a one-time warning; zero-size tensors are skipped.
+
+    Raises:
+        ValueError: a tensor on a device the kernels cannot run on (anything but CUDA, or
+            CPU under the interpreter), or a state that does not match its layout; raised
+            before anything is changed.
+
+    Args:
+        params: parameters (float32, bf16 or fp16; contiguous).
+        grads: their gradients (any float dtype; copied when non-contiguous).
+        states: per-parameter states, laid out as ``layouts`` say.
+        args: the group's hyperparameters.
+        layouts: one :class:`torchcame.state.StateLayout` per parameter.
+    """
+    groups, fallback, seed = plan_groups(params, grads, states, args, layouts)
     for key, idx in groups.items():
-        device = key[0]
-        # triton launches on the current device: make it the tensors' one
-        guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-        with guard:
-            _step_group(key, [params[i] for i in idx],
-                        [grads[i] if grads[i].is_contiguous() else grads[i].contiguous()
-                         for i in idx],
-                        [states[i] for i in idx], [layouts[i] for i in idx], idx, args, seed)
+        TritonGroup(key, [params[i] for i in idx], [grads[i] for i in idx],
+                    [states[i] for i in idx], [layouts[i] for i in idx], idx, args,
+                    seed).run()
     if fallback:
         from .reference import step_single_tensor
 
@@ -880,142 +900,246 @@ def step_triton(params: list[Tensor], grads: list[Tensor], states: list[dict],
                            [states[i] for i in fallback], args, [layouts[i] for i in fallback])
 
 
-def _step_group(key: tuple, params: list[Tensor], grads: list[Tensor], states: list[dict],
-                layouts: list, indices: list[int], args: StepArgs, seed: int | None) -> None:
-    device, p_dtype, g_dtype, momentum, factored, block_m, unit, moved = key
-    beta1, beta2, beta3 = args.betas
-    eps1, eps2 = args.eps
-    fmt = _FMT[momentum]
-    M_DTYPE = (tl.float32, tl.bfloat16, tl.int8)[fmt]
-    tl_dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
-                torch.float16: tl.float16}
-    P_DTYPE, G_DTYPE = tl_dtype[p_dtype], tl_dtype.get(g_dtype)
-    if G_DTYPE is None:
-        raise TypeError(f"torchcame triton: unsupported gradient dtype {g_dtype}")
-    block_n = max(1, TILE // block_m) if factored else 0
-    sr = bool(args.stochastic_rounding) and p_dtype != torch.float32
-    idx64 = max(p.numel() for p in params) + UPDATE_TILE >= 2**31  # element offsets
-    unit_w = _next_pow2(unit)  # the update's tile width; one int8 block per tile row
-    qb = max(1, UPDATE_TILE // unit_w)
+class TritonGroup:
+    """One launch group of :func:`plan_groups`: its per-tensor table, its workspace and its
+    launches, one method each.
 
-    rows: list[list[int]] = []
-    frows: list[list[float]] = []
-    counts_tile: list[int] = []
-    counts_fin: list[int] = []
-    counts_fac: list[int] = []
-    counts_upd: list[int] = []
-    counts_vec: list[int] = []
-    ws_size = 0
-    for j, (p, g, st, lay) in enumerate(zip(params, grads, states, layouts)):
-        numel = p.numel()
-        row = [0] * _NCOL
-        row[_C_P], row[_C_G], row[_C_M] = p.data_ptr(), g.data_ptr(), st["exp_avg"].data_ptr()
-        row[_C_AMAX] = st["exp_avg_absmax"].data_ptr() if lay.quantized else 0
-        row[_C_NUMEL], row[_C_UNIT] = numel, unit
-        row[_C_SEED] = _tensor_seed(seed, indices[j]) if seed is not None else 0
-        t = 1.0
-        if args.bias_correction:
-            t = float(st["step"])
-        if factored:
-            view = _moved_view(p, lay.factored_dims) if moved else p.view(-1, *p.shape[-2:])
-            nb, n, m = (int(d) for d in view.shape)
-            row[_C_SB], row[_C_SN], row[_C_SM] = (max(1, int(d)) for d in view.stride())
-            pg = min(_cdiv(n, max(block_n, MIN_GROUP_ROWS)), MAX_ROW_GROUPS)
-            rpp = -(-n // pg)
-            pg = -(-n // rpp)
-            chunks = -(-m // block_m)
-            cg = min(chunks, MAX_COL_GROUPS)
-            cpp = -(-chunks // cg) * block_m
-            cg = -(-m // cpp)
-            row[_C_ROW] = st["exp_avg_sq_row"].data_ptr()
-            row[_C_COL] = st["exp_avg_sq_col"].data_ptr()
-            row[_C_RROW] = st["exp_avg_res_row"].data_ptr()
-            row[_C_RCOL] = st["exp_avg_res_col"].data_ptr()
-            row[_C_B], row[_C_N], row[_C_MC] = nb, n, m
-            row[_C_PG], row[_C_CG], row[_C_RPP], row[_C_CPP] = pg, cg, rpp, cpp
-            row_chunks = _cdiv(n, FINALIZE_BLOCK)
-            sizes = [cg * nb * n, pg * nb * m, nb * n, nb * m, nb * n, nb * m, nb * pg * cg, 1,
-                     nb * row_chunks]
-            cols = [_C_WRP, _C_WCP, _C_WRF, _C_WCF, _C_WRRF, _C_WRCF, _C_WSQ, _C_WDEN, _C_WRS]
-            row[_C_SQCNT] = nb * pg * cg
-            counts_tile.append(nb * pg * cg)
-            counts_fin.append(nb * (row_chunks + _cdiv(m, FINALIZE_BLOCK)))
-            counts_fac.append(nb * row_chunks)
-            bc2 = math.sqrt(1.0 - beta2**t) if args.bias_correction else 1.0
-            scale = ((1.0 / (1.0 - beta1**t)) * math.sqrt(1.0 - beta3**t)
-                     if args.bias_correction else 1.0)
+    :meth:`run` is the single-process step: every launch in order. The sharded step of
+    :mod:`torchcame.distributed` (FSDP2/TP local shards) runs only the passes over the
+    tensors (:meth:`pass1`, :meth:`pass2`, :meth:`pass3`, :meth:`vector`, :meth:`update`)
+    and does the O(rows + cols) work between them itself: it reads each tensor's local
+    partial sums (:meth:`factored_sums`, :meth:`sq_sum`), reduces them across ranks, and
+    writes back the factors and the clip divisor (:meth:`set_factors`, :meth:`set_denom`)
+    that the next pass reads.
+    """
+
+    def __init__(self, key: tuple, params: list[Tensor], grads: list[Tensor],
+                 states: list[dict], layouts: list, indices: list[int], args: StepArgs,
+                 seed: int | None) -> None:
+        device, p_dtype, g_dtype, momentum, factored, block_m, unit, moved = key
+        self.device, self.factored, self.args = device, factored, args
+        grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+        self._keep = (params, grads, states)  # the table holds their pointers
+        beta1, beta2, beta3 = args.betas
+        fmt = _FMT[momentum]
+        M_DTYPE = (tl.float32, tl.bfloat16, tl.int8)[fmt]
+        tl_dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+                    torch.float16: tl.float16}
+        P_DTYPE, G_DTYPE = tl_dtype[p_dtype], tl_dtype.get(g_dtype)
+        if G_DTYPE is None:
+            raise TypeError(f"torchcame triton: unsupported gradient dtype {g_dtype}")
+        block_n = max(1, TILE // block_m) if factored else 0
+        sr = bool(args.stochastic_rounding) and p_dtype != torch.float32
+        idx64 = max(p.numel() for p in params) + UPDATE_TILE >= 2**31  # element offsets
+        unit_w = _next_pow2(unit)  # the update's tile width; one int8 block per tile row
+        qb = max(1, UPDATE_TILE // unit_w)
+
+        rows: list[list[int]] = []
+        frows: list[list[float]] = []
+        counts_tile: list[int] = []
+        counts_fin: list[int] = []
+        counts_fac: list[int] = []
+        counts_upd: list[int] = []
+        counts_vec: list[int] = []
+        ws_size = 0
+        for j, (p, g, st, lay) in enumerate(zip(params, grads, states, layouts)):
+            numel = p.numel()
+            row = [0] * _NCOL
+            row[_C_P], row[_C_G] = p.data_ptr(), g.data_ptr()
+            row[_C_M] = st["exp_avg"].data_ptr()
+            row[_C_AMAX] = st["exp_avg_absmax"].data_ptr() if lay.quantized else 0
+            row[_C_NUMEL], row[_C_UNIT] = numel, unit
+            row[_C_SEED] = _tensor_seed(seed, indices[j]) if seed is not None else 0
+            t = 1.0
+            if args.bias_correction:
+                t = float(st["step"])
+            if factored:
+                view = _moved_view(p, lay.factored_dims) if moved else p.view(-1, *p.shape[-2:])
+                nb, n, m = (int(d) for d in view.shape)
+                row[_C_SB], row[_C_SN], row[_C_SM] = (max(1, int(d)) for d in view.stride())
+                pg = min(_cdiv(n, max(block_n, MIN_GROUP_ROWS)), MAX_ROW_GROUPS)
+                rpp = -(-n // pg)
+                pg = -(-n // rpp)
+                chunks = -(-m // block_m)
+                cg = min(chunks, MAX_COL_GROUPS)
+                cpp = -(-chunks // cg) * block_m
+                cg = -(-m // cpp)
+                row[_C_ROW] = st["exp_avg_sq_row"].data_ptr()
+                row[_C_COL] = st["exp_avg_sq_col"].data_ptr()
+                row[_C_RROW] = st["exp_avg_res_row"].data_ptr()
+                row[_C_RCOL] = st["exp_avg_res_col"].data_ptr()
+                row[_C_B], row[_C_N], row[_C_MC] = nb, n, m
+                row[_C_PG], row[_C_CG], row[_C_RPP], row[_C_CPP] = pg, cg, rpp, cpp
+                row_chunks = _cdiv(n, FINALIZE_BLOCK)
+                sizes = [cg * nb * n, pg * nb * m, nb * n, nb * m, nb * n, nb * m, nb * pg * cg,
+                         1, nb * row_chunks]
+                cols = [_C_WRP, _C_WCP, _C_WRF, _C_WCF, _C_WRRF, _C_WRCF, _C_WSQ, _C_WDEN,
+                        _C_WRS]
+                row[_C_SQCNT] = nb * pg * cg
+                counts_tile.append(nb * pg * cg)
+                counts_fin.append(nb * (row_chunks + _cdiv(m, FINALIZE_BLOCK)))
+                counts_fac.append(nb * row_chunks)
+                bc2 = math.sqrt(1.0 - beta2**t) if args.bias_correction else 1.0
+                scale = ((1.0 / (1.0 - beta1**t)) * math.sqrt(1.0 - beta3**t)
+                         if args.bias_correction else 1.0)
+            else:
+                row[_C_ROW] = st["exp_avg_sq"].data_ptr()
+                nvec = -(-numel // FLAT_BLOCK)
+                sizes, cols = [nvec, 1], [_C_WSQ, _C_WDEN]
+                row[_C_SQCNT] = nvec
+                counts_vec.append(nvec)
+                bc2 = math.sqrt(1.0 - beta2**t) if args.bias_correction else 1.0
+                scale = 1.0 / (1.0 - beta1**t) if args.bias_correction else 1.0
+            for col, size in zip(cols, sizes):
+                row[col] = ws_size
+                ws_size += size
+            counts_upd.append(_cdiv(_cdiv(numel, unit), qb))
+            rows.append(row)
+            frows.append([bc2, scale, math.sqrt(float(numel))])
+        for col, counts in ((_C_S_TILE, counts_tile), (_C_S_FIN, counts_fin),
+                            (_C_S_FAC, counts_fac), (_C_S_UPD, counts_upd),
+                            (_C_S_VEC, counts_vec)):
+            start = 0
+            for row, c in zip(rows, counts):
+                row[col] = start
+                start += c
+        self.rows = rows
+        self.meta = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+        self.fmeta = torch.tensor(frows, dtype=torch.float32).to(device, non_blocking=True)
+        self.ws = torch.empty(ws_size, dtype=torch.float32, device=device)
+        self._sign = -1.0 if args.maximize else 1.0
+        self._common = dict(P_DTYPE=P_DTYPE, G_DTYPE=G_DTYPE, M_FMT=fmt, M_DTYPE=M_DTYPE,
+                            BLOCK_N=block_n, BLOCK_M=block_m, IDX64=idx64, MOVED=moved)
+        self._update_consts = dict(FACTORED=factored, P_DTYPE=P_DTYPE, G_DTYPE=G_DTYPE,
+                                   M_FMT=fmt, M_DTYPE=M_DTYPE, SR=sr, QB=qb, UW=unit_w,
+                                   IDX64=idx64, MOVED=moved)
+        self._maps = {}
+        for name, counts in (("tile", counts_tile), ("fin", counts_fin), ("fac", counts_fac),
+                             ("upd", counts_upd), ("vec", counts_vec)):
+            if counts:
+                self._maps[name] = (_program_map(counts, device), int(sum(counts)))
+
+    def _guard(self):
+        # triton launches on the current device: make it the tensors' one
+        if self.device.type == "cuda":
+            return torch.cuda.device(self.device)
+        return contextlib.nullcontext()
+
+    def run(self) -> None:
+        """The whole step: every launch, in order."""
+        if self.factored:
+            self.pass1()
+            self.statistics(0)  # r, c and their factors
+            self.pass2()
+            self.denom()
+            self.pass3()
+            self.statistics(1)  # R, C and their factors
         else:
-            row[_C_ROW] = st["exp_avg_sq"].data_ptr()
-            nvec = -(-numel // FLAT_BLOCK)
-            sizes, cols = [nvec, 1], [_C_WSQ, _C_WDEN]
-            row[_C_SQCNT] = nvec
-            counts_vec.append(nvec)
-            bc2 = math.sqrt(1.0 - beta2**t) if args.bias_correction else 1.0
-            scale = 1.0 / (1.0 - beta1**t) if args.bias_correction else 1.0
-        for col, size in zip(cols, sizes):
-            row[col] = ws_size
-            ws_size += size
-        counts_upd.append(_cdiv(_cdiv(numel, unit), qb))
-        rows.append(row)
-        frows.append([bc2, scale, math.sqrt(float(numel))])
-    for col, counts in ((_C_S_TILE, counts_tile), (_C_S_FIN, counts_fin), (_C_S_FAC, counts_fac),
-                        (_C_S_UPD, counts_upd), (_C_S_VEC, counts_vec)):
-        start = 0
-        for row, c in zip(rows, counts):
-            row[col] = start
-            start += c
-    meta = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
-    fmeta = torch.tensor(frows, dtype=torch.float32).to(device, non_blocking=True)
-    ws = torch.empty(ws_size, dtype=torch.float32, device=device)
-    sign = -1.0 if args.maximize else 1.0
-    a1, a2, a3 = 1.0 - beta1, 1.0 - beta2, 1.0 - beta3
-    T = len(params)
+            self.vector()
+            self.denom()
+        self.update()
 
-    if factored:
-        tile_map = _program_map(counts_tile, device)
-        fin_map = _program_map(counts_fin, device)
-        fac_map = _program_map(counts_fac, device)
-        n_tile, n_fin, n_fac = int(sum(counts_tile)), int(sum(counts_fin)), int(sum(counts_fac))
-        common = dict(P_DTYPE=P_DTYPE, G_DTYPE=G_DTYPE, M_FMT=fmt, M_DTYPE=M_DTYPE,
-                      BLOCK_N=block_n, BLOCK_M=block_m, IDX64=idx64, MOVED=moved)
+    # the launches ------------------------------------------------------------------------
 
-        def statistics(res: int, beta: float, one_minus_beta: float) -> None:
-            _launch("stat_ema", _stat_ema_kernel, n_fin, meta, fin_map, ws, beta,
-                    one_minus_beta, RES=res, BLOCK=FINALIZE_BLOCK)
-            _launch("row_factor", _row_factor_kernel, n_fac, meta, fac_map, ws, RES=res,
-                    BLOCK=FINALIZE_BLOCK)
+    def _rowtile(self, name: str, pass_: int) -> None:
+        beta1 = self.args.betas[0]
+        eps1, eps2 = self.args.eps
+        prog_map, grid = self._maps["tile"]
+        with self._guard():
+            _launch(name, _rowtile_kernel, grid, self.meta, self.fmeta, prog_map, self.ws,
+                    eps1, eps2, beta1, 1.0 - beta1, self._sign, PASS=pass_, **self._common)
 
-        _launch("pass1", _rowtile_kernel, n_tile, meta, fmeta, tile_map, ws, eps1, eps2,
-                beta1, a1, sign, PASS=1, **common)
-        statistics(0, beta2, a2)  # r, c and their factors
-        _launch("pass2", _rowtile_kernel, n_tile, meta, fmeta, tile_map, ws, eps1, eps2,
-                beta1, a1, sign, PASS=2, **common)
-        _launch("denom", _denom_kernel, T, meta, fmeta, ws, float(args.clip_threshold),
-                BLOCK=256)
-        _launch("pass3", _rowtile_kernel, n_tile, meta, fmeta, tile_map, ws, eps1, eps2,
-                beta1, a1, sign, PASS=3, **common)
-        statistics(1, beta3, a3)  # R, C and their factors
-    else:
-        vec_map = _program_map(counts_vec, device)
-        _launch("vector", _vector_kernel, int(sum(counts_vec)), meta, fmeta, vec_map, ws,
-                eps1, beta2, a2, sign, G_DTYPE=G_DTYPE, BLOCK=FLAT_BLOCK)
-        _launch("denom", _denom_kernel, T, meta, fmeta, ws, float(args.clip_threshold),
-                BLOCK=256)
+    def pass1(self) -> None:
+        """Factored: per-group partial row and column sums of ``G = g^2 + eps1``."""
+        self._rowtile("pass1", 1)
 
-    lr = args.lr
-    lr_tensor = isinstance(lr, Tensor)
-    if lr_tensor:
-        lr_arg = lr.detach()
-        if lr_arg.device != device or lr_arg.dtype not in (torch.float32, torch.float64):
-            lr_arg = lr_arg.to(device=device, dtype=torch.float64)
-        lr_float, decay = 0.0, 0.0
-    else:
-        lr_arg = ws  # unused (LR_TENSOR=False)
-        lr_float = float(lr)
-        decay = -float(args.weight_decay) * float(lr)  # formed in float64, as the reference
-    upd_map = _program_map(counts_upd, device)
-    _launch("update", _update_kernel, int(sum(counts_upd)), meta, fmeta, upd_map, ws, lr_arg,
-            lr_float, decay, -float(args.weight_decay), beta1, a1, sign,
-            FACTORED=factored, P_DTYPE=P_DTYPE, G_DTYPE=G_DTYPE, M_FMT=fmt, M_DTYPE=M_DTYPE,
-            LR_TENSOR=lr_tensor, HAS_DECAY=args.weight_decay != 0, SR=sr, QB=qb, UW=unit_w,
-            IDX64=idx64, MOVED=moved, num_warps=8)
+    def pass2(self) -> None:
+        """Factored: partial sums of ``u^2``, from the factors of ``r`` and ``c``."""
+        self._rowtile("pass2", 2)
+
+    def pass3(self) -> None:
+        """Factored: the new momentum and partial row and column sums of ``U``."""
+        self._rowtile("pass3", 3)
+
+    def statistics(self, res: int) -> None:
+        """Factored: the EMAs of ``r, c`` (``res=0``) or ``R, C`` (``res=1``) from the local
+        partial sums, and their factors (two launches)."""
+        beta = self.args.betas[2 if res else 1]
+        fin_map, n_fin = self._maps["fin"]
+        fac_map, n_fac = self._maps["fac"]
+        with self._guard():
+            _launch("stat_ema", _stat_ema_kernel, n_fin, self.meta, fin_map, self.ws, beta,
+                    1.0 - beta, RES=res, BLOCK=FINALIZE_BLOCK)
+            _launch("row_factor", _row_factor_kernel, n_fac, self.meta, fac_map, self.ws,
+                    RES=res, BLOCK=FINALIZE_BLOCK)
+
+    def vector(self) -> None:
+        """Vectors: the ``v`` EMA and partial sums of ``u^2``."""
+        beta2 = self.args.betas[1]
+        vec_map, grid = self._maps["vec"]
+        with self._guard():
+            _launch("vector", _vector_kernel, grid, self.meta, self.fmeta, vec_map, self.ws,
+                    self.args.eps[0], beta2, 1.0 - beta2, self._sign, G_DTYPE=self._common[
+                        "G_DTYPE"], BLOCK=FLAT_BLOCK)
+
+    def denom(self) -> None:
+        """Each tensor's RMS-clip divisor from its own partial sums of ``u^2``."""
+        with self._guard():
+            _launch("denom", _denom_kernel, len(self.rows), self.meta, self.fmeta, self.ws,
+                    float(self.args.clip_threshold), BLOCK=256)
+
+    def update(self) -> None:
+        """Weight decay, the parameter step and the stored momentum."""
+        args, device = self.args, self.device
+        beta1 = args.betas[0]
+        lr = args.lr
+        lr_tensor = isinstance(lr, Tensor)
+        if lr_tensor:
+            lr_arg = lr.detach()
+            if lr_arg.device != device or lr_arg.dtype not in (torch.float32, torch.float64):
+                lr_arg = lr_arg.to(device=device, dtype=torch.float64)
+            lr_float, decay = 0.0, 0.0
+        else:
+            lr_arg = self.ws  # unused (LR_TENSOR=False)
+            lr_float = float(lr)
+            decay = -float(args.weight_decay) * float(lr)  # formed in float64, as the reference
+        upd_map, grid = self._maps["upd"]
+        with self._guard():
+            _launch("update", _update_kernel, grid, self.meta, self.fmeta, upd_map, self.ws,
+                    lr_arg, lr_float, decay, -float(args.weight_decay), beta1, 1.0 - beta1,
+                    self._sign, LR_TENSOR=lr_tensor, HAS_DECAY=args.weight_decay != 0,
+                    num_warps=8, **self._update_consts)
+
+    # the sharded step's view of the workspace ---------------------------------------------
+
+    def _span(self, j: int, col: int, size: int) -> Tensor:
+        start = self.rows[j][col]
+        return self.ws[start : start + size]
+
+    def factored_sums(self, j: int) -> tuple[Tensor, Tensor]:
+        """Tensor ``j``'s row sums ``(B n,)`` and column sums ``(B m,)`` of its local values
+        after :meth:`pass1` (``G``) or :meth:`pass3` (``U``), from the partial sums."""
+        row = self.rows[j]
+        nb, n, m, pg, cg = row[_C_B], row[_C_N], row[_C_MC], row[_C_PG], row[_C_CG]
+        rows = self._span(j, _C_WRP, cg * nb * n).view(cg, nb * n).sum(dim=0)
+        cols = self._span(j, _C_WCP, pg * nb * m).view(pg, nb * m).sum(dim=0)
+        return rows, cols
+
+    def sq_sum(self, j: int) -> Tensor:
+        """Tensor ``j``'s local ``sum u^2`` after :meth:`pass2` or :meth:`vector` (1 element)."""
+        return self._span(j, _C_WSQ, self.rows[j][_C_SQCNT]).sum().reshape(1)
+
+    def set_factors(self, j: int, res: int, row_factor: Tensor, col_factor: Tensor) -> None:
+        """Write tensor ``j``'s factors ``rsqrt(r / mean r)`` and ``rsqrt(c)`` (``res=0``,
+        read by :meth:`pass2`, :meth:`pass3`) or those of ``R, C`` (``res=1``, read by
+        :meth:`update`)."""
+        row = self.rows[j]
+        nb, n, m = row[_C_B], row[_C_N], row[_C_MC]
+        rcol, ccol = (_C_WRRF, _C_WRCF) if res else (_C_WRF, _C_WCF)
+        self._span(j, rcol, nb * n).copy_(row_factor.reshape(-1))
+        self._span(j, ccol, nb * m).copy_(col_factor.reshape(-1))
+
+    def set_denom(self, j: int, denom: Tensor) -> None:
+        """Write tensor ``j``'s RMS-clip divisor ``max(1, RMS(u) / d)`` (read by :meth:`pass3`
+        and :meth:`update`)."""
+        self._span(j, _C_WDEN, 1).copy_(denom.reshape(1))
