@@ -7,7 +7,14 @@ import json
 import pytest
 
 from torchcame.bench import candidates, format_table, run_set
-from torchcame.bench.core import BYTES_PER_ELEMENT, PROBES, _floor_bytes, attainable_bandwidth
+from torchcame.bench.core import (
+    BYTES_PER_ELEMENT,
+    PROBE_READ_BYTES,
+    PROBES,
+    READ_BYTES_PER_ELEMENT,
+    _floor_bytes,
+    attainable_bandwidth,
+)
 from torchcame.bench.shapes import PARAM_SETS, describe, param_shapes
 from torchcame.cli import main
 
@@ -27,6 +34,13 @@ def test_floor_bytes_follow_the_pass_schedule():
     assert _floor_bytes(shapes, "came", 4) == 32 * 200 + 36 * 5
     assert _floor_bytes(shapes, "adamw8bit", 4) == 16 * 205
     assert set(BYTES_PER_ELEMENT) == {"adamw", "adamw8bit", "came", "adafactor"}
+    # reads: CAME reads g three times, m twice and p once; AdamW g, p, m, v once
+    assert _floor_bytes(shapes, "came", 4, READ_BYTES_PER_ELEMENT) == 24 * 205
+    assert _floor_bytes(shapes, "adamw", 4, READ_BYTES_PER_ELEMENT) == 16 * 205
+    assert set(READ_BYTES_PER_ELEMENT) == set(BYTES_PER_ELEMENT)
+    for name, (factored, other) in READ_BYTES_PER_ELEMENT.items():
+        assert 0 < factored < BYTES_PER_ELEMENT[name][0] and 0 < other < BYTES_PER_ELEMENT[name][1]
+    assert set(PROBE_READ_BYTES) == set(PROBES)
 
 
 def test_run_set_tiny_reports_every_candidate():
@@ -43,9 +57,15 @@ def test_run_set_tiny_reports_every_candidate():
     assert rows["CAME fused"]["state_bytes"] == rows["CAME foreach"]["state_bytes"]
     for r in rows.values():
         assert r["median_step_s"] > 0 and len(r["step_times_s"]) == 2
-        # the floor uses the best rate anyone reached, so no step beats it
+        # the floor uses the best rates anyone reached, so no step beats it
         assert r["ratio_to_floor"] >= 1 - 1e-9
         assert r["achieved_GBps"] <= result["bandwidth_GBps"] * (1 + 1e-9)
+        assert r["achieved_read_GBps"] <= result["read_bandwidth_GBps"] * (1 + 1e-9)
+        assert r["floor_bound"] in ("bytes", "reads")
+        assert r["floor_s"] == pytest.approx(max(
+            r["floor_bytes"] / (result["bandwidth_GBps"] * 1e9),
+            r["floor_read_bytes"] / (result["read_bandwidth_GBps"] * 1e9)))
+    assert rows["AdamW fused"]["floor_ratio_to_adamw"] == 1.0
     assert set(result["probe_GBps"]) == set(PROBES)
     assert result["bandwidth_source"] in set(PROBES) | set(names)
     best = max(r["ratio_to_floor"] for r in rows.values())
@@ -115,3 +135,24 @@ def test_cli_quick_writes_json(tmp_path, capsys):
 
 def test_cli_rejects_unknown_set(tmp_path):
     assert main(["bench", "--sets", "nope", "--out", str(tmp_path / "x.json")]) == 2
+
+
+def test_bench_repeats_keeps_and_summarizes_every_run(tmp_path):
+    """benchmarks/bench_repeats.py: each call adds runs; the summary covers all of them."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_repeats.py"
+    spec = importlib.util.spec_from_file_location("bench_repeats", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = ["--repeats", "1", "--sets", "tiny", "--rounds", "1", "--out", str(tmp_path)]
+    assert module.main(args) == 0
+    assert module.main(args) == 0
+    assert sorted(p.name for p in tmp_path.glob("run_*.json")) == ["run_1.json", "run_2.json"]
+    summary = json.loads((tmp_path / "summary.json").read_text())["sets"]["tiny"]
+    assert len(summary["runs"]) == 2
+    ratios = [r["ratio_to_adamw_fused"] for r in summary["runs"]]
+    assert summary["median_ratio_to_adamw_fused"] == pytest.approx(sum(ratios) / 2)
+    assert all(r["came_ratio_to_floor"] >= 1 - 1e-9 for r in summary["runs"])
+    assert "| median |" in (tmp_path / "summary.md").read_text()

@@ -9,13 +9,20 @@ candidate:
 * ``median_step_s``: median step time over rounds;
 * ``ratio_to_adamw_fused``: median over rounds of (step time / fused AdamW's step time in the
   same round) -- robust to a shared, noisy machine, since both run under the same load;
-* ``floor_s`` and ``ratio_to_floor``: the bytes the algorithm must move per step (its minimal
-  pass schedule, below) divided by the machine's attainable bandwidth, and the step time
-  over that floor (>= 1 unless the floor is wrong). The attainable bandwidth is the best
-  rate seen in the same rounds: the probes (an in-place triad ``a += s * b``, 12 bytes per
-  element with no write-allocate reads, and a read-only sum, 4 bytes per element), and every
-  candidate's own achieved rate (its floor bytes over its median time): a step that moved
-  its bytes at some rate proves the machine can. ``bandwidth_source`` names which set it.
+* ``floor_s`` and ``ratio_to_floor``: the time the algorithm's minimal traffic (its pass
+  schedule, below) needs on this machine, and the step time over it (>= 1 unless the floor
+  is wrong). Two bounds, the larger wins (``floor_bound``): all its bytes at the attainable
+  bandwidth, and its *read* bytes at the attainable read bandwidth. Memory systems read and
+  write partly in parallel, so a pass that only reads can be slower per byte than one that
+  reads and writes (on the 2-core EPYC VM of the README, reads saturate near 31 GB/s while
+  the triad moves 48: 32 read plus 16 written), and an algorithm that reads more bytes is
+  bound by its reads. Each bandwidth is the best rate seen in the same rounds: the probes
+  (an in-place triad ``a += s * b``, 12 bytes per element of which 8 read, with no
+  write-allocate reads; a read-only sum, 4 bytes per element) and every candidate's own
+  achieved rates (its bytes, and its read bytes, over its median time): a step that moved
+  its bytes at some rate proves the machine can. ``bandwidth_source`` and
+  ``read_bandwidth_source`` name which set them. ``floor_ratio_to_adamw`` is the floor over
+  fused AdamW's floor: the step-time ratio no implementation can beat on this machine.
   A plain ``copy_`` is not used: its destination is read for ownership before it is written,
   so its nominal 8 bytes per element under-count the traffic and the floor came out too low
   (steps ran at 0.6-0.8x of it);
@@ -25,11 +32,12 @@ candidate:
   tracker, which sees tensors created by operators, not scratch buffers inside a kernel);
 * ``first_step_s``: the first step (state allocation, plus compilation for compiled paths).
 
-Bytes each algorithm must move per element per step (float32), used for the floor:
-AdamW 28 (read g; read+write p, m, v). CAME, factored tensors 32 (the row/column
-statistics need three reads of g -- sums of g^2, RMS of u, instability sums -- then
-read+write m, read m and read+write p); vectors 36. Adafactor (no momentum), factored 20
-(three reads of g, read+write p), vectors 28.
+Bytes each algorithm must move per element per step (float32), used for the floor, and of
+them the bytes read: AdamW 28, 16 read (read g; read+write p, m, v). CAME, factored tensors
+32, 24 read (the row/column statistics need three reads of g -- sums of g^2, RMS of u,
+instability sums -- then read+write m, read m and read+write p); vectors 36, 24 read (g
+twice, v twice, m, p). Adafactor (no momentum), factored 20, 16 read (three reads of g,
+read+write p), vectors 28, 20 read.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ from .shapes import describe, param_shapes
 from .timing import interleaved_times, median_ratios, timed
 
 __all__ = ["Candidate", "candidates", "run_set", "run_bench", "format_table", "BYTES_PER_ELEMENT",
-           "PROBES", "attainable_bandwidth"]
+           "READ_BYTES_PER_ELEMENT", "PROBES", "PROBE_READ_BYTES", "attainable_bandwidth"]
 
 #: Bytes per element each algorithm must move per step: (factored tensors, other tensors).
 BYTES_PER_ELEMENT = {
@@ -63,12 +71,25 @@ BYTES_PER_ELEMENT = {
 }
 
 
+#: Of those, the bytes read: (factored tensors, other tensors).
+READ_BYTES_PER_ELEMENT = {
+    "adamw": (16, 16),
+    "adamw8bit": (10, 10),
+    "came": (24, 24),
+    "adafactor": (16, 20),
+}
+
+
 #: Bandwidth probes timed in every round: name -> (bytes moved per element, make(a, b) -> step).
 #: Both are multi-threaded torch kernels over float32 buffers of the parameter set's size.
 PROBES: dict[str, tuple[int, Callable[[torch.Tensor, torch.Tensor], Callable[[], Any]]]] = {
     "triad (a += s*b)": (12, lambda a, b: lambda: a.add_(b, alpha=1e-6)),
     "read (sum a)": (4, lambda a, b: lambda: a.sum()),
 }
+
+
+#: Bytes each probe reads per element (of the bytes it moves).
+PROBE_READ_BYTES = {"triad (a += s*b)": 8, "read (sum a)": 4}
 
 
 def attainable_bandwidth(rates: dict[str, float]) -> tuple[float, str]:
@@ -186,8 +207,9 @@ def _extra_step_bytes(opt: torch.optim.Optimizer, device: torch.device) -> tuple
     return int(result.allocated_peak_bytes), result.method
 
 
-def _floor_bytes(shapes: list[tuple[int, ...]], algorithm: str, element_size: int) -> int:
-    factored_b, other_b = BYTES_PER_ELEMENT[algorithm]
+def _floor_bytes(shapes: list[tuple[int, ...]], algorithm: str, element_size: int,
+                 table: dict[str, tuple[int, int]] = BYTES_PER_ELEMENT) -> int:
+    factored_b, other_b = table[algorithm]
     total = 0
     for s in shapes:
         n = math.prod(s)
@@ -255,16 +277,29 @@ def run_set(
 
     element_size = params[0].element_size()
     floors = {c.name: _floor_bytes(shapes, c.algorithm, element_size) for c in cands}
-    rates = {name: nbytes / statistics.median(times[name]) for name, (nbytes, _) in probes.items()}
-    rates.update({c.name: floors[c.name] / statistics.median(times[c.name]) for c in cands})
+    reads = {c.name: _floor_bytes(shapes, c.algorithm, element_size, READ_BYTES_PER_ELEMENT)
+             for c in cands}
+    median = {name: statistics.median(t) for name, t in times.items()}
+    rates = {name: nbytes / median[name] for name, (nbytes, _) in probes.items()}
+    rates.update({c.name: floors[c.name] / median[c.name] for c in cands})
+    read_rates = {name: PROBE_READ_BYTES[name] * probe_a.numel() / median[name]
+                  for name in probes}
+    read_rates.update({c.name: reads[c.name] / median[c.name] for c in cands})
     bandwidth, bandwidth_source = attainable_bandwidth(rates)
+    read_bandwidth, read_source = attainable_bandwidth(read_rates)
+
+    def floor_of(name: str) -> tuple[float, str]:
+        total_s, read_s = floors[name] / bandwidth, reads[name] / read_bandwidth
+        return (total_s, "bytes") if total_s >= read_s else (read_s, "reads")
+
+    adamw_floor_s = floor_of("AdamW fused")[0]
     ratios = median_ratios(times, "AdamW fused")
     adamw_state = _state_bytes(opts["AdamW fused"])
     rows = []
     for cand in cands:
         t = times[cand.name]
         floor_bytes = floors[cand.name]
-        floor_s = floor_bytes / bandwidth
+        floor_s, bound = floor_of(cand.name)
         state = _state_bytes(opts[cand.name])
         extra, method = memory[cand.name]
         rows.append({
@@ -273,9 +308,13 @@ def run_set(
             "median_step_s": statistics.median(t),
             "ratio_to_adamw_fused": ratios[cand.name],
             "floor_bytes": floor_bytes,
+            "floor_read_bytes": reads[cand.name],
             "floor_s": floor_s,
+            "floor_bound": bound,
+            "floor_ratio_to_adamw": floor_s / adamw_floor_s,
             "ratio_to_floor": statistics.median(t) / floor_s,
             "achieved_GBps": rates[cand.name] / 1e9,
+            "achieved_read_GBps": read_rates[cand.name] / 1e9,
             "state_bytes": state,
             "state_ratio_to_adamw": state / adamw_state if adamw_state else None,
             "extra_step_bytes": extra,
@@ -290,6 +329,8 @@ def run_set(
         "param_bytes": numel * element_size,
         "bandwidth_GBps": bandwidth / 1e9,
         "bandwidth_source": bandwidth_source,
+        "read_bandwidth_GBps": read_bandwidth / 1e9,
+        "read_bandwidth_source": read_source,
         "probe_GBps": {name: rates[name] / 1e9 for name in probes},
         "probe_times_s": {name: times[name] for name in probes},
         "rounds": rounds,
@@ -358,24 +399,33 @@ def format_table(report: dict[str, Any]) -> str:
             f"{s['shapes']['tensors']} tensors; attainable bandwidth "
             f"{s['bandwidth_GBps']:.1f} GB/s ({s['bandwidth_source']}; "
             + ", ".join(f"{k} {v:.1f}" for k, v in s["probe_GBps"].items())
+            + (f"), reads {s['read_bandwidth_GBps']:.1f} GB/s ({s['read_bandwidth_source']}"
+               if "read_bandwidth_GBps" in s else "")
             + f"); {s['rounds']} rounds)"
         )
         lines.append("")
-        lines.append("| optimizer | step ms (median) | × fused AdamW | × bandwidth floor | GB/s | "
-                     "state MiB | state × AdamW | extra step MiB | first step s |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("| optimizer | step ms (median) | × fused AdamW | × bandwidth floor | "
+                     "floor × AdamW's | GB/s | state MiB | state × AdamW | extra step MiB | "
+                     "first step s |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in s["results"]:
             state_ratio = r["state_ratio_to_adamw"]
             lines.append(
                 f"| {r['name']} | {1e3 * r['median_step_s']:,.1f} | "
                 f"{r['ratio_to_adamw_fused']:.2f} | {r['ratio_to_floor']:.2f} | "
-                f"{r['achieved_GBps']:.1f} | {_mib(r['state_bytes'])} | "
+                f"{_floor_cell(r)} | {r['achieved_GBps']:.1f} | {_mib(r['state_bytes'])} | "
                 f"{'' if state_ratio is None else f'{state_ratio:.2f}'} | "
                 f"{'n/a' if r['extra_step_bytes'] is None else _mib(r['extra_step_bytes'])} | "
                 f"{r['first_step_s']:.2f} |"
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _floor_cell(row: dict[str, Any]) -> str:
+    if "floor_ratio_to_adamw" not in row:  # reports written before the read bound
+        return ""
+    return f"{row['floor_ratio_to_adamw']:.2f} ({row['floor_bound']})"
 
 
 def write_json(report: dict[str, Any], path: str) -> None:
