@@ -516,6 +516,39 @@ def _scenario_placements(rank, world, out: Path) -> None:
         torch.save(result, out / f"placements_w{world}.pt")
 
 
+def _scenario_triton_fallback(rank, world, out: Path) -> None:
+    """``fused=True`` with a float64 shard (which the kernels do not handle) beside a float32
+    one in the same group: the float64 shard takes the reference phases, with a warning, and
+    equals a ``foreach=False`` run bit for bit; the float32 one runs the kernels."""
+    import warnings
+
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    from torchcame import CAME, _warnings
+
+    mesh = init_device_mesh("cpu", (world,))
+    result = {}
+    for options in ({"fused": True}, {"foreach": False}):
+        _warnings._warned.clear()
+        params = [nn.Parameter(distribute_tensor(placement_grad((7, 5), -1, i).to(dtype), mesh,
+                                                 [Shard(0)]))
+                  for i, dtype in enumerate((torch.float64, torch.float32))]
+        optim = CAME(params, lr=1e-2, weight_decay=0.1, maximize=True, **options)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(3):
+                for i, p in enumerate(params):
+                    p.grad = distribute_tensor(placement_grad((7, 5), step, i).to(p.dtype), mesh,
+                                               [Shard(0)])
+                optim.step()
+        result[next(iter(options))] = {
+            "params": [full(p.detach()) for p in params],
+            "warnings": [str(w.message) for w in caught],
+        }
+    if rank == 0:
+        torch.save(result, out / "fallback.pt")
+
+
 def placement_cases() -> dict[str, tuple[tuple[int, ...], int | None]]:
     return {
         "rows": ((7, 5), 0),
@@ -688,6 +721,7 @@ def worker(rank: int, world: int, port: int, out: Path, mode: str) -> None:
             _scenario_fsdp_shard1(rank, world, out)
             _scenario_bias_correction(rank, world, out)
             _scenario_int8_momentum(rank, world, out)
+            _scenario_triton_fallback(rank, world, out)
             if rank == 0:
                 torch.save({"fsdp": fsdp_launches, "all": dict(triton_kernels.LAUNCHES)},
                            out / "launches.pt")
@@ -919,6 +953,16 @@ def test_triton_bias_correction_equals_single_process(triton_runs):
     ref = reference_run(STEPS, bias_correction=True)
     assert_close_rel(got["params"], ref["params"])
     assert_close_rel(got["state"], ref["state"])
+
+
+def test_triton_sharded_fallback_runs_the_reference_phases(triton_runs):
+    got = _load(triton_runs / "fallback.pt")
+    fused, reference = got["fused"], got["foreach"]
+    assert torch.equal(fused["params"][0], reference["params"][0])  # float64: reference math
+    assert fused["params"][0].dtype == torch.float64
+    scale = reference["params"][1].abs().max()
+    assert (fused["params"][1] - reference["params"][1]).abs().max() <= RTOL * scale
+    assert any("does not handle torch.float64 parameters" in w for w in fused["warnings"])
 
 
 def test_triton_int8_momentum_equals_single_process(triton_runs):

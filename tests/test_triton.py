@@ -727,3 +727,36 @@ def test_fused_true_runs_the_triton_kernels(monkeypatch):
     for p, q, p0, s in zip(ours, ref, initial, shapes):
         scale = (q.detach() - p0).abs().max()  # the size of the whole update
         assert scale > 0 and (p.detach() - q.detach()).abs().max() <= 1e-5 * scale, s
+
+
+def test_float64_parameters_run_the_reference_with_a_warning(monkeypatch):
+    """float64 tensors (a compute dtype the kernels do not have) beside float32 ones: the
+    float64 one is stepped by the reference path, bit for bit, with a warning naming it; the
+    float32 one by the kernels."""
+    from torchcame import CAME
+
+    if not CUDA:
+        monkeypatch.setenv("TORCHCAME_FUSED_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(5)
+    ours = [torch.randn(4, 6, generator=gen, dtype=dtype).to(DEVICE).requires_grad_()
+            for dtype in (torch.float64, torch.float32)]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    opt = CAME(ours, lr=1e-2, fused=True)
+    opt_ref = CAME(ref, lr=1e-2, foreach=False)
+    _warnings._warned.clear()
+    before = tk.LAUNCHES["pass1"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            for p, q in zip(ours, ref):
+                g = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(DEVICE)
+                p.grad, q.grad = g, g.clone()
+            opt.step()
+            opt_ref.step()
+    assert any("torch.float64 parameters" in str(w.message) for w in caught)
+    assert tk.LAUNCHES["pass1"] == before + 2  # the float32 matrix, once per step
+    assert torch.equal(ours[0], ref[0])
+    for key, value in opt_ref.state[ref[0]].items():
+        assert torch.equal(opt.state[ours[0]][key], value), key
+    scale = ref[1].detach().abs().max()
+    assert (ours[1].detach() - ref[1].detach()).abs().max() <= 1e-5 * scale

@@ -942,13 +942,12 @@ def kernel_device(device: torch.device) -> bool:
     return use_triton(device)
 
 
-def _kernel_eligible(param: Tensor, grad: Tensor, layout: StateLayout) -> bool:
-    """Whether a local shard can run the kernels' phases: contiguous, float32/bf16/fp16,
-    float32 compute, factored over its last two dims (or not factored), not empty."""
-    ok = (torch.float32, torch.bfloat16, torch.float16)
-    return (param.numel() > 0 and param.is_contiguous() and param.dtype in ok
-            and grad.dtype in ok and layout.compute_dtype == torch.float32
-            and not layout.moved(param.dim()))
+def _kernel_eligible(param: Tensor, layout: StateLayout) -> bool:
+    """Whether a local shard goes to the kernels' phases: not empty (an empty shard still
+    takes part in the reductions, with zero sums, through the reference phases) and factored
+    over its last two dims. Dtypes and memory layouts the kernels do not handle are sent back
+    to the reference phases by :meth:`_KernelGroup.build`, with a warning."""
+    return param.numel() > 0 and not layout.moved(param.dim())
 
 
 def _prepare(
@@ -998,7 +997,7 @@ def _prepare(
         if not sharding.sharded:  # every rank holds the whole tensor: the reference step
             work.append(_LocalStep(local_param, local_grad, local_state, args, layout, kernel))
             continue
-        kernel = kernel and _kernel_eligible(local_param, local_grad, layout)
+        kernel = kernel and _kernel_eligible(local_param, layout)
         work.append(_ParamStep(param=local_param, grad=local_grad, state=local_state,
                                shard=sharding, args=args, layout=layout, kernel=kernel))
     return work
@@ -1069,8 +1068,8 @@ def _execute(work: list) -> None:
         steps.append(item)
     if not steps and not plans:
         return
+    groups = _KernelGroup.build([s for s in steps if s.kernel])  # may turn some down
     plain = [s for s in steps if not s.kernel]
-    groups = _KernelGroup.build([s for s in steps if s.kernel])
     phases = (_ParamStep.phase1, _ParamStep.phase2, _ParamStep.phase3)
     for index, (phase, kinds) in enumerate(zip(phases, _PHASE_KINDS)):
         for s in plain:

@@ -846,13 +846,13 @@ def plan_groups(params: list[Tensor], grads: list[Tensor], states: list[dict], a
                                                          strict=True)):
         if param.numel() == 0:
             continue
-        _check_layout(param, state, layout)
         reason = _fallback_reason(param, grad, state, layout)
-        if reason is not None:
+        if reason is not None:  # the reference path checks its own state
             _warn_once(f"torchcame: the Triton fused step does not handle {reason}; those "
                        "tensors run the reference (single-tensor) path")
             fallback.append(i)
             continue
+        _check_layout(param, state, layout)
         moved = layout.moved(param.dim())
         if layout.factored:
             block_m = min(_next_pow2(param.shape[layout.factored_dims[1]]), MAX_BLOCK_M)
