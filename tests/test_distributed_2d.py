@@ -22,6 +22,7 @@ in the 1-D tests (test_distributed.py), loose after 12 steps.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -169,18 +170,11 @@ def single_model_run(steps: int = STEPS) -> dict[str, torch.Tensor]:
 def triton_worker(rank: int, world: int, port: int, out: Path) -> None:
     """``fused=True`` on the 2x2 mesh: the hand-placed layouts (float32 and int8 momentum) and
     the FSDP2-over-TP model, stepped by the Triton kernels on the local shards."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
     from torchcame._impl import triton_kernels
 
     global HYPER
     HYPER = TRITON_HYPER
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    with _on_2x2_mesh(rank, world, port) as mesh:
         results = {}
         for label, specs, options in (("float32", _specs(), {}),
                                       ("int8", _int8_specs(), INT8_OPTIONS)):
@@ -190,6 +184,20 @@ def triton_worker(rank: int, world: int, port: int, out: Path) -> None:
         results["launches"] = dict(triton_kernels.LAUNCHES)
         if rank == 0:
             torch.save(results, out / "results_triton.pt")
+
+
+@contextlib.contextmanager
+def _on_2x2_mesh(rank: int, world: int, port: int):
+    """This rank in a gloo group of ``world`` (one thread), yielding the ("dp", "tp") mesh;
+    a barrier after the block, then the group is destroyed."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -219,18 +227,13 @@ def _fsdp_tp_run(mesh) -> dict[str, torch.Tensor]:
 
 
 def worker(rank: int, world: int, port: int, out: Path) -> None:
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard
 
     from torchcame import CAME
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    with _on_2x2_mesh(rank, world, port) as mesh:
         results = {}
         for label, specs, options in (
             ("float32", _specs(), {}),
@@ -279,9 +282,6 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
                                          model.named_parameters()}
         if rank == 0:
             torch.save(results, out / "results.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
