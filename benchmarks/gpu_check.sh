@@ -14,6 +14,9 @@
 #   triton_bandwidth.json  step time of the Triton step itself per parameter set and
 #   triton_bandwidth.log   configuration, its achieved GB/s (bytes from traffic_bytes) against
 #                          the device's copy bandwidth, and fused AdamW's on the same shapes
+#   sharded_kernel_check.json/.log  DTensor parameters (Shard(0) on a 1-rank nccl mesh) with
+#                          fused=True: the phase-split Triton launches of the sharded path
+#                          against the single-process Triton step
 #   bench.json/.png/.log   `torchcame bench --device cuda` (every candidate it knows)
 # Commit $OUT with the commit of the code it measured (written into device.json).
 set -euo pipefail
@@ -129,6 +132,10 @@ for set_name in ("gpt2-124m", "vit-b16", "big-matrix"):
 json.dump({"copy_bandwidth_gbs": copy_gbs, "rows": rows}, open(f"{out}/triton_bandwidth.json", "w"),
           indent=1)
 EOF
+
+echo "== the sharded path (DTensor, fused=True) on the Triton kernels"
+python benchmarks/sharded_kernel_check.py --device cuda --out "$OUT" 2>&1 \
+    | tee "$OUT/sharded_kernel_check.log"
 
 echo "== torchcame bench --device cuda"
 python -m torchcame.cli bench --device cuda --no-progress --out "$OUT/bench.json" \
