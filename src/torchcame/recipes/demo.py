@@ -25,6 +25,7 @@ __all__ = ["DEMO_DEFAULTS", "DEMO_LRS", "add_demo_arguments", "run_demo"]
 #: that sweep showed favour CAME (it lands within 2% of AdamW at them, 2.9% behind at the
 #: best of each). ``--lr`` overrides any of them.
 DEMO_LRS: dict[str, float] = {"came": 2e-4, "adamw": 2e-3, "adafactor": 5e-2}
+_DISPLAY = {"came": "CAME", "adamw": "AdamW", "adafactor": "Adafactor"}
 
 DEMO_DEFAULTS = LMConfig(task="gpt", steps=300, batch_size=16, eval_every=25, eval_batches=8)
 
@@ -72,8 +73,11 @@ def run_demo(args: argparse.Namespace) -> int:
     notes = (
         [
             "Learning rates are each optimizer's best for this setting from the sweep in "
-            "docs/evidence.md (CAME 2e-4, AdamW 2e-3, Adafactor 5e-2; 3 seeds at an interior "
-            "best); the customary ones (AdamW 1e-3, Adafactor 1e-2) favoured CAME."
+            "docs/evidence.md ("
+            + ", ".join(f"{_DISPLAY.get(name, name)} {lr:.0e}".replace("e-0", "e-")
+                        for name, lr in DEMO_LRS.items())
+            + "; 3 seeds at an interior best); the customary ones (AdamW 1e-3, Adafactor "
+            "1e-2) favoured CAME."
         ]
         if not args.lr
         else []
