@@ -750,8 +750,9 @@ def _moved_view(param: Tensor, dims: tuple[int, int]) -> Tensor | None:
         return None
 
 
-def _fallback_reason(param: Tensor, grad: Tensor, state: dict, layout) -> str | None:
-    """Why this tensor cannot be stepped by the kernels (``None`` when it can)."""
+def _fallback_reason(param: Tensor, grad: Tensor, layout) -> str | None:
+    """Why the kernels cannot step this tensor, from its dtypes and layout alone (``None``
+    when they can); :func:`_state_fallback_reason` looks at its state."""
     if param.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"{param.dtype} parameters"
     if grad.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -760,6 +761,12 @@ def _fallback_reason(param: Tensor, grad: Tensor, state: dict, layout) -> str | 
         return "factored dims other than the last two whose other dims do not merge into one"
     if layout.compute_dtype != torch.float32:
         return f"compute dtype {layout.compute_dtype}"
+    return None
+
+
+def _state_fallback_reason(param: Tensor, grad: Tensor, state: dict, layout) -> str | None:
+    """Why the kernels cannot step this tensor's (layout-checked) state: memory layout and
+    device (``None`` when they can)."""
     keys = (("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col")
             if layout.factored else ("exp_avg_sq",))
     tensors = [param, state["exp_avg"], *(state[k] for k in keys)]
@@ -846,13 +853,15 @@ def plan_groups(params: list[Tensor], grads: list[Tensor], states: list[dict], a
                                                          strict=True)):
         if param.numel() == 0:
             continue
-        reason = _fallback_reason(param, grad, state, layout)
-        if reason is not None:  # the reference path checks its own state
+        reason = _fallback_reason(param, grad, layout)
+        if reason is None:  # (the reference path checks its own state)
+            _check_layout(param, state, layout)
+            reason = _state_fallback_reason(param, grad, state, layout)
+        if reason is not None:
             _warn_once(f"torchcame: the Triton fused step does not handle {reason}; those "
                        "tensors run the reference (single-tensor) path")
             fallback.append(i)
             continue
-        _check_layout(param, state, layout)
         moved = layout.moved(param.dim())
         if layout.factored:
             block_m = min(_next_pow2(param.shape[layout.factored_dims[1]]), MAX_BLOCK_M)
