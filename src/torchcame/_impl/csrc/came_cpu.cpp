@@ -41,8 +41,27 @@
 
 #include "came_cpu.h"
 
+#ifdef TORCHCAME_PASS_TIMING
+#include <chrono>
+#endif
+
 namespace torchcame {
 namespace {
+
+#ifdef TORCHCAME_PASS_TIMING
+// A development aid, not in the package's build: benchmarks/pass_timing.py compiles the kernel
+// with -DTORCHCAME_PASS_TIMING to read the seconds spent in each pass of the factored family.
+double pass_seconds[4] = {0, 0, 0, 0};
+inline double pass_clock() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+#define TORCHCAME_PASS_START(mark) const double mark = pass_clock()
+#define TORCHCAME_PASS_END(index, mark) pass_seconds[index] += pass_clock() - mark
+#else
+#define TORCHCAME_PASS_START(mark)
+#define TORCHCAME_PASS_END(index, mark)
+#endif
 
 // ------------------------------------------------------------------------ factored family
 
@@ -89,6 +108,7 @@ void factored_tensor_step(FactoredTensors& t, const Hyper& h, const TensorSettin
   std::vector<double> row_sum(rows), col_sum;
 
   // pass 1: G = g^2 + eps1 -> r, c and their factors
+  TORCHCAME_PASS_START(pass1_start);
   const acc_t eps1 = acc_t(h.eps1);
   row_col_sums<acc_t>(B, n, m, row_sum, col_sum, [=](int64_t k, acc_t* __restrict col_block) {
     const param_t* __restrict g_row = g + k * m;
@@ -107,7 +127,10 @@ void factored_tensor_step(FactoredTensors& t, const Hyper& h, const TensorSettin
   const acc_t* rf = second_moment.row.data();
   const acc_t* cf = second_moment.col.data();
 
+  TORCHCAME_PASS_END(0, pass1_start);
+
   // pass 2: sum u^2 -> the clip divisor
+  TORCHCAME_PASS_START(pass2_start);
   const double sum_sq = parallel_sum(rows, row_grain, [=](int64_t begin, int64_t end) {
     double total = 0;
     for (int64_t k = begin; k < end; ++k) {
@@ -127,7 +150,10 @@ void factored_tensor_step(FactoredTensors& t, const Hyper& h, const TensorSettin
   const acc_t divisor = clip_divisor<acc_t>(sum_sq, numel, h);
   const bool clip = divisor != acc_t(1);
 
+  TORCHCAME_PASS_END(1, pass2_start);
+
   // pass 3: u_hat, m, U -> R, C and their factors
+  TORCHCAME_PASS_START(pass3_start);
   const acc_t beta1 = acc_t(h.beta1), one_minus_beta1 = acc_t(1.0 - h.beta1);
   const acc_t eps2 = acc_t(h.eps2);
   with_flag(clip, [&](auto clip_flag) {
@@ -152,8 +178,11 @@ void factored_tensor_step(FactoredTensors& t, const Hyper& h, const TensorSettin
   const acc_t* Rf = confidence.row.data();
   const acc_t* Cf = confidence.col.data();
 
+  TORCHCAME_PASS_END(2, pass3_start);
+
   // pass 4, a storage unit at a time: m (decoded and recomputed when low-bit), the weight,
   // m encoded back
+  TORCHCAME_PASS_START(pass4_start);
   const WeightRule<acc_t> rule = weight_rule<param_t, acc_t>(h, o);
   auto weight_pass = [&](auto decay_flag, auto stochastic_flag, auto clip_flag) {
     constexpr bool kDecay = decltype(decay_flag)::value;
@@ -206,6 +235,7 @@ void factored_tensor_step(FactoredTensors& t, const Hyper& h, const TensorSettin
       }
     });
   });
+  TORCHCAME_PASS_END(3, pass4_start);
 }
 
 // -------------------------------------------------------------------------- vector family
@@ -483,4 +513,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "One CAME step of factored tensors (see came_cpu.cpp).");
   module.def("vector_step", &torchcame::vector_step,
              "One CAME step of vectors and unfactored tensors (see came_cpu.cpp).");
+#ifdef TORCHCAME_PASS_TIMING
+  module.def("pass_times", [] {
+    std::vector<double> out(torchcame::pass_seconds, torchcame::pass_seconds + 4);
+    for (double& t : torchcame::pass_seconds) t = 0;
+    return out;
+  }, "Seconds in passes 1-4 of the factored family since the last call (then reset).");
+#endif
 }
