@@ -1057,14 +1057,8 @@ def _execute(work: list) -> None:
         item.state["step"] += 1
         if math.prod(item.shard.shape) == 0:
             continue
-        if item.kernel:  # the kernels read the gradient's dtype and apply the sign
-            steps.append(item)
-            continue
-        dtype = item.layout.compute_dtype
-        if item.grad.dtype != dtype:
-            item.grad = item.grad.to(dtype)
-        if item.args.maximize:
-            item.grad = -item.grad
+        if not item.kernel:  # the kernels read the gradient's dtype and apply the sign
+            _reference_grad(item)
         steps.append(item)
     if not steps and not plans:
         return
@@ -1081,6 +1075,16 @@ def _execute(work: list) -> None:
         s.finish()
     for group in groups:
         group.finish()
+
+
+def _reference_grad(item: _ParamStep) -> None:
+    """The gradient the reference phases read: in the compute dtype, negated for
+    ``maximize``."""
+    dtype = item.layout.compute_dtype
+    if item.grad.dtype != dtype:
+        item.grad = item.grad.to(dtype)
+    if item.args.maximize:
+        item.grad = -item.grad
 
 
 class _KernelGroup:
@@ -1109,12 +1113,9 @@ class _KernelGroup:
             groups, fallback, seed = plan_groups(
                 [s.param for s in members], [s.grad for s in members],
                 [s.state for s in members], args, [s.layout for s in members])
-            for i in fallback:  # the reference phases (grad in compute dtype, signed)
-                s = members[i]
-                s.kernel = False
-                s.grad = s.grad.to(s.layout.compute_dtype)
-                if args.maximize:
-                    s.grad = -s.grad
+            for i in fallback:  # the reference phases
+                members[i].kernel = False
+                _reference_grad(members[i])
             for key, idx in groups.items():
                 chosen = [members[i] for i in idx]
                 out.append(cls(TritonGroup(key, [s.param for s in chosen],
