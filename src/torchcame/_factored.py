@@ -40,6 +40,7 @@ __all__ = [
     "factor_rsqrt",
     "approx_rsqrt",
     "rms",
+    "clip_divisor",
     "clip_",
     "clip_foreach_",
     "bias_correction_scales",
@@ -162,9 +163,14 @@ def rms(tensor: Tensor) -> Tensor:
     return tensor.norm(2) / math.sqrt(tensor.numel())
 
 
+def clip_divisor(update_rms: Tensor, threshold: float) -> Tensor:
+    """Step 4's divisor ``max(1, RMS(u) / d)`` given ``RMS(u)`` (a tensor: no host sync)."""
+    return (update_rms / threshold).clamp_(min=1.0)
+
+
 def clip_(update: Tensor, update_rms: Tensor, threshold: float) -> Tensor:
     """Step 4 in place: ``u /= max(1, RMS(u) / d)`` given ``RMS(u)`` (no host sync)."""
-    return update.div_((update_rms / threshold).clamp_(min=1.0))
+    return update.div_(clip_divisor(update_rms, threshold))
 
 
 def clip_foreach_(updates: list[Tensor], threshold: float) -> None:

@@ -75,6 +75,7 @@ from ._factored import (
     approx_rsqrt,
     bias_correction_scales,
     clip_,
+    clip_divisor,
     compute_dtype,
     ema_,
     factor_rsqrt,
@@ -1146,7 +1147,7 @@ class _KernelGroup:
         for j, s in enumerate(steps):
             ((sum_sq, _),) = s.partials
             rms = sum_sq.reshape(()).sqrt() / math.sqrt(s.shard.numel)
-            group.set_denom(j, (rms / s.args.clip_threshold).clamp_(min=1.0))
+            group.set_denom(j, clip_divisor(rms, s.args.clip_threshold))
             s.partials = []
         if group.factored:
             group.pass3()
