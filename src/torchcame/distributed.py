@@ -930,13 +930,18 @@ class _LocalStep:
         step_single_tensor([self.param], [self.grad], [self.state], self.args, [self.layout])
 
 
+#: Environment variable choosing the fused backend for testing: ``"triton"`` sends CPU tensors
+#: to the Triton kernels (under Triton's interpreter).
+FUSED_BACKEND_ENV = "TORCHCAME_FUSED_BACKEND"
+
+
 def kernel_device(device: torch.device) -> bool:
     """Whether ``fused=True`` steps sharded tensors on ``device`` with the Triton kernels:
     CUDA with triton importable, or CPU under the testing switch
     ``TORCHCAME_FUSED_BACKEND=triton`` (Triton's interpreter). Imports triton only then."""
     import os
 
-    if device.type != "cuda" and os.environ.get("TORCHCAME_FUSED_BACKEND") != "triton":
+    if device.type != "cuda" and os.environ.get(FUSED_BACKEND_ENV) != "triton":
         return False
     from ._impl.triton_kernels import use_triton
 

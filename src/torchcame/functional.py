@@ -9,7 +9,6 @@ once, before any implementation runs.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +27,7 @@ __all__ = ["came", "init_state", "step_group", "resolve_impl", "FUSED_BACKEND_EN
 
 #: Environment variable choosing the fused backend for testing: ``"triton"`` runs the
 #: Triton kernels also on CPU tensors (with ``TRITON_INTERPRET=1``).
-FUSED_BACKEND_ENV = "TORCHCAME_FUSED_BACKEND"
+FUSED_BACKEND_ENV = distributed.FUSED_BACKEND_ENV
 
 
 def _checked(options: dict[str, Any], allowed: Sequence[str] | None = None) -> dict[str, Any]:
@@ -157,13 +156,6 @@ def _subset(index: list[int], *lists: list) -> tuple[list, ...]:
     return tuple([items[i] for i in index] for items in lists)
 
 
-def _triton_wanted(params: list[Tensor]) -> bool:
-    """Whether any tensor should run the Triton kernels: CUDA tensors, or the testing switch
-    :data:`FUSED_BACKEND_ENV` ``=triton``. Imports triton only then."""
-    return (os.environ.get(FUSED_BACKEND_ENV) == "triton"
-            or any(p.device.type == "cuda" for p in params))
-
-
 def _step_fused(params: list[Tensor], grads: list[Tensor], states: list[dict], args: StepArgs,
                 layouts: list[StateLayout]) -> None:
     """The fused implementations: Triton kernels on CUDA (when triton imports), the C++
@@ -172,10 +164,11 @@ def _step_fused(params: list[Tensor], grads: list[Tensor], states: list[dict], a
     option."""
     from ._impl import fused
 
-    if _triton_wanted(params):
+    devices = {p.device for p in params}
+    if any(distributed.kernel_device(d) or d.type == "cuda" for d in devices):
         from ._impl import triton_kernels
 
-        on_triton = [i for i, p in enumerate(params) if triton_kernels.use_triton(p.device)]
+        on_triton = [i for i, p in enumerate(params) if distributed.kernel_device(p.device)]
         if on_triton:
             triton_kernels.step_triton(*_subset(on_triton, params, grads, states), args,
                                        [layouts[i] for i in on_triton])
