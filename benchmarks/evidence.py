@@ -28,6 +28,14 @@ best is interior (a diverged run counts as worst). Seed 0 sweeps; seeds 1 and 2 
 the best lr. Every optimizer of a setting starts, per seed, from the same initial weights and
 sees the same batches. The AdamW pair (β2 0.999 and 0.95) runs at the first length of an
 experiment; longer lengths run the one that was better at the previous length.
+
+**Tracks.** Several processes can work through the same experiments at once (one per free
+core: ``benchmarks/evidence_queue.sh``). Each sweep, one (setting, optimizer), is claimed by the
+process that runs it (a ``.claim`` file beside its runs, naming the process); another process
+skips a sweep whose claim is held by a live process, together with whatever depends on it (the
+same optimizer at longer lengths), and exits with status 75 (``EX_TEMPFAIL``) so that its queue
+comes back to it later. A claim left by a process that died is taken over. The worst a race
+between two processes can do is train one run twice, to the same result.
 """
 
 from __future__ import annotations
@@ -37,15 +45,18 @@ import hashlib
 import json
 import math
 import os
+import socket
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results" / "evidence"
+EX_TEMPFAIL = 75  # exit status: sweeps were skipped (another process holds them): come back later
 SEEDS = (0, 1, 2)
 
 # ------------------------------------------------------------------------------------------
@@ -290,6 +301,7 @@ class Study:
         self._corpora: dict[Any, Any] = {}
         self._eval: dict[Any, Any] = {}
         self.trained = 0  # runs actually trained (not read from the cache) by this object
+        self.skipped: list[str] = []  # sweeps skipped: another live process held their claim
 
     # data ---------------------------------------------------------------------------------
     def corpus(self, name: str, max_bytes: int):
@@ -450,17 +462,88 @@ class Study:
         }
 
     # sweeps -------------------------------------------------------------------------------
-    def sweep(self, setting: Setting, optimizer: str, center_lr: float, **kw: Any) -> SweepResult:
+    def sweep(
+        self, setting: Setting, optimizer: str, center_lr: float, **kw: Any
+    ) -> SweepResult | None:
+        """One optimizer's sweep at ``setting``; ``None`` if another live process holds it."""
+
         def train(lr: float, seed: int) -> float:
             return self.train(setting, optimizer, lr, seed, **kw)["final_val_loss"]
 
-        result = sweep(train, ladder_index(center_lr))
+        claim_path = self.root / "runs" / setting.experiment / setting.slug / f"{optimizer}.claim"
+        with claim(claim_path) as held:
+            if not held:
+                self.skipped.append(f"{setting.experiment} {setting.slug} {optimizer}")
+                _log(
+                    f"{setting.experiment} {setting.slug} {optimizer}: claimed by another "
+                    "process, skipped"
+                )
+                return None
+            result = sweep(train, ladder_index(center_lr))
         state = "interior" if result.interior else "NOT interior"
         _log(
             f"{setting.experiment} {setting.slug} {optimizer}: best lr "
             f"{result.best_lr} ({state}); seeds {result.seed_losses}"
         )
         return result
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (Linux ``/proc``), or ``None`` where it can't be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, starttime (after the comm field)
+
+
+def _holder_alive(holder: dict[str, Any]) -> bool:
+    """Whether the process named in a claim file still runs (another host's: assumed so)."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = int(holder["pid"])
+    if Path("/proc/self/stat").exists():  # a reused pid has another start time
+        return holder.get("start") is not None and _process_start(pid) == holder["start"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def claim(path: Path) -> Iterator[bool]:
+    """Hold ``path`` as a claim for the block: yields ``True`` if this process holds it, ``False``
+    if another live process does. A claim of a dead process is taken over; the file goes when
+    the block ends."""
+    me = {"pid": os.getpid(), "start": _process_start(os.getpid()), "host": socket.gethostname()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):  # being written, or gone meanwhile: look again
+                time.sleep(0.2)
+                continue
+            if holder.get("pid") == me["pid"] and holder.get("start") == me["start"]:
+                raise RuntimeError(f"{path} is already claimed by this process") from None
+            if _holder_alive(holder):
+                yield False
+                return
+            path.unlink(missing_ok=True)  # its process died: take it over
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        try:
+            yield True
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    raise RuntimeError(f"could not claim {path}: it keeps changing")
 
 
 def _write_atomic(path: Path, obj: Any) -> None:
@@ -531,21 +614,30 @@ def _mean(values: Iterable[float]) -> float:
 def run_horizon(study: Study, h: Horizon, *, max_bytes: int = 8_000_000) -> dict:
     """Sweep every optimizer at every length, shortest first; returns {(steps, opt): result}."""
     results: dict[tuple[int, str], SweepResult] = {}
+    skipped: set[str] = set()  # claimed by another process: these, at every longer length too
     for i, steps in enumerate(h.lengths):
         setting = Setting(
             h.name, h.task, h.model, steps, h.batch_size, evals=h.evals, max_bytes=max_bytes
         )
         optimizers = list(h.optimizers)
-        if i > 0 and all((h.lengths[i - 1], o) in results for o in ADAMW_PAIR):
+        if skipped & set(ADAMW_PAIR):  # the β2 choice waits for the other process
+            skipped.update(ADAMW_PAIR)
+        elif i > 0 and all((h.lengths[i - 1], o) in results for o in ADAMW_PAIR):
             prev = {o: results[(h.lengths[i - 1], o)] for o in ADAMW_PAIR}
             done = {o: r for o, r in prev.items() if r.complete}
             if len(done) == 2:  # keep the better β2
                 worse = max(done, key=lambda o: _mean(done[o].seed_losses.values()))
                 optimizers.remove(worse)
         for opt in optimizers:
+            if opt in skipped:
+                continue
             prev = results.get((h.lengths[i - 1], opt)) if i > 0 else None
             center = prev.best_lr if prev and prev.best_lr else START_LR[opt]
-            results[(steps, opt)] = study.sweep(setting, opt, center)
+            result = study.sweep(setting, opt, center)
+            if result is None:
+                skipped.add(opt)
+            else:
+                results[(steps, opt)] = result
     return results
 
 
@@ -1177,6 +1269,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     _log(f"claims.json: {len(claims['runs'])} runs, {len(claims['verdicts'])} verdicts ({root})")
+    if args.what != "claims" and study.skipped:
+        _log(f"skipped, claimed by another process: {'; '.join(study.skipped)}")
+        return EX_TEMPFAIL
     return 0
 
 

@@ -268,3 +268,141 @@ def test_finetune_verdict_reports_both_domains():
     (v,) = ev.verdicts(runs)
     assert v["verdict"] == "reproduced"
     assert "came 1.3100 vs adamw 1.3000" in v["evidence"] and "came 2.1000" in v["evidence"]
+
+
+# tracks: sweeps claimed by one process are skipped by another ------------------------------
+
+
+class _FakeStudy(ev.Study):
+    """A study whose runs cost nothing: the loss is a parabola in log-lr around 1e-3."""
+
+    def train(self, setting, optimizer, lr, seed, **kw):
+        self.trained += 1
+        return {"final_val_loss": 2.0 + (math.log10(lr) + 3.0) ** 2 + 0.001 * seed}
+
+
+def _claim_file(study, setting, optimizer):
+    return study.root / "runs" / setting.experiment / setting.slug / f"{optimizer}.claim"
+
+
+def _hold(path, pid, start, host=None):
+    import socket
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": pid, "start": start, "host": host or socket.gethostname()}))
+
+
+@pytest.fixture
+def other_process():
+    """A live process other than this one: ``(pid, start time)``."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        yield proc.pid, ev._process_start(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_claim_is_held_for_the_block_and_released(tmp_path):
+    path = tmp_path / "a" / "came.claim"
+    with ev.claim(path) as held:
+        assert held and path.exists()
+        assert json.loads(path.read_text())["pid"] == __import__("os").getpid()
+        with pytest.raises(RuntimeError, match="already claimed by this process"):
+            with ev.claim(path):
+                pass
+    assert not path.exists()
+    with pytest.raises(KeyError):  # an error in the block still releases the claim
+        with ev.claim(path):
+            raise KeyError("x")
+    assert not path.exists()
+
+
+def test_claim_of_a_live_process_is_respected_and_a_dead_ones_taken_over(tmp_path, other_process):
+    import subprocess
+
+    path = tmp_path / "came.claim"
+    pid, start = other_process
+    _hold(path, pid, start)
+    with ev.claim(path) as held:
+        assert not held
+    assert json.loads(path.read_text())["pid"] == pid  # untouched
+
+    _hold(path, pid, "1")  # same pid, another start time: a reused pid, so the claim is stale
+    with ev.claim(path) as held:
+        assert held
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    _hold(path, int(done.stdout), "123")  # that process has exited
+    with ev.claim(path) as held:
+        assert held
+    _hold(path, pid, start, host="another-host")  # can't tell: assumed alive
+    with ev.claim(path) as held:
+        assert not held
+
+
+def test_horizon_skips_claimed_sweeps_and_their_longer_lengths(tmp_path, other_process):
+    study = _FakeStudy(tmp_path, progress=False)
+    h = ev.Horizon("horizon-x", "gpt", "quick", (10, 30), ("came", "adamw", "adamw-b95"))
+    first = ev.Setting(h.name, h.task, h.model, 10, h.batch_size, evals=h.evals,
+                       max_bytes=1000)
+    _hold(_claim_file(study, first, "came"), *other_process)
+    results = ev.run_horizon(study, h, max_bytes=1000)
+    # came is the other process's at 10 steps, so at 30 too; the AdamW pair ran, and at the
+    # longer length only the better β2 of the two (equal losses here: one of them)
+    assert {k for k in results} == {(10, "adamw"), (10, "adamw-b95"), (30, "adamw")} or \
+        {k for k in results} == {(10, "adamw"), (10, "adamw-b95"), (30, "adamw-b95")}
+    assert study.skipped == [f"horizon-x {first.slug} came"]
+    assert results[(10, "adamw")].best_lr == 1e-3 and results[(10, "adamw")].complete
+    assert not list(tmp_path.rglob("*.claim"))[1:]  # only the other process's claim is left
+
+    # one of the AdamW pair held elsewhere: the β2 choice (and so both) wait at 30 steps
+    study = _FakeStudy(tmp_path / "b", progress=False)
+    _hold(_claim_file(study, first, "adamw-b95"), *other_process)
+    results = ev.run_horizon(study, h, max_bytes=1000)
+    assert set(results) == {(10, "came"), (10, "adamw"), (30, "came")}
+
+
+def test_main_exits_75_when_it_skipped_a_sweep(tmp_path, monkeypatch, other_process):
+    monkeypatch.setattr(ev.Study, "train", _FakeStudy.train)
+    monkeypatch.setattr(ev, "plot_gaps", lambda root: None)
+    monkeypatch.setattr(ev, "plot_large", lambda root: None)
+    argv = ["finetune-llama", "--quick", "--results", str(tmp_path), "--no-progress"]
+    monkeypatch.setattr(ev.Study, "pretrained", lambda self, *a, **k: ("init", {}))
+    tune = ev.Setting("finetune-llama", "llama", "quick", 8, 4, max_bytes=300_000)
+    _hold(_claim_file(ev.Study(tmp_path), tune, "adamw"), *other_process)
+    assert ev.main(argv) == ev.EX_TEMPFAIL == 75
+    _claim_file(ev.Study(tmp_path), tune, "adamw").unlink()
+    assert ev.main(argv) == 0
+
+
+def test_queue_comes_back_to_stages_that_waited_on_the_other_track(tmp_path):
+    """evidence_queue.sh: a stage that exits 75 runs again after the others; failures don't
+    stop the queue."""
+    import os
+    import subprocess
+
+    fake = tmp_path / "fakepy"
+    log = tmp_path / "calls"
+    # exits 75 the first two times it is asked for large-bert, 1 for toy-search, else 0
+    fake.write_text(
+        "#!/bin/bash\n"
+        f'echo "$2" >> {log}\n'
+        f'if [ "$2" = large-bert ] && [ $(grep -c large-bert {log}) -le 2 ]; then exit 75; fi\n'
+        'if [ "$2" = toy-search ]; then exit 1; fi\n'
+        "exit 0\n"
+    )
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), EVIDENCE_QUEUE_WAIT="0")
+    out = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "evidence_queue.sh"), "1"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    calls = log.read_text().split()
+    assert calls.count("large-bert") == 3 and calls[-1] == "large-bert"
+    assert calls.count("toy-search") == 1 and "failed (exit 1)" in out.stdout
+    assert calls.count("size-gpt") == 2  # "size-gpt --max-steps 300" and "size-gpt"
+    assert "track 1 finished" in out.stdout
