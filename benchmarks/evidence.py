@@ -615,11 +615,12 @@ def run_horizon(study: Study, h: Horizon, *, max_bytes: int = 8_000_000) -> dict
     """Sweep every optimizer at every length, shortest first; returns {(steps, opt): result}."""
     results: dict[tuple[int, str], SweepResult] = {}
     skipped: set[str] = set()  # claimed by another process: these, at every longer length too
+    dropped: set[str] = set()  # the worse of the AdamW pair: not run at longer lengths
     for i, steps in enumerate(h.lengths):
         setting = Setting(
             h.name, h.task, h.model, steps, h.batch_size, evals=h.evals, max_bytes=max_bytes
         )
-        optimizers = list(h.optimizers)
+        optimizers = [o for o in h.optimizers if o not in dropped]
         if skipped & set(ADAMW_PAIR):  # the β2 choice waits for the other process
             skipped.update(ADAMW_PAIR)
         elif i > 0 and all((h.lengths[i - 1], o) in results for o in ADAMW_PAIR):
@@ -627,6 +628,7 @@ def run_horizon(study: Study, h: Horizon, *, max_bytes: int = 8_000_000) -> dict
             done = {o: r for o, r in prev.items() if r.complete}
             if len(done) == 2:  # keep the better β2
                 worse = max(done, key=lambda o: _mean(done[o].seed_losses.values()))
+                dropped.add(worse)
                 optimizers.remove(worse)
         for opt in optimizers:
             if opt in skipped:

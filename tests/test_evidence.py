@@ -406,3 +406,19 @@ def test_queue_comes_back_to_stages_that_waited_on_the_other_track(tmp_path):
     assert calls.count("toy-search") == 1 and "failed (exit 1)" in out.stdout
     assert calls.count("size-gpt") == 2  # "size-gpt --max-steps 300" and "size-gpt"
     assert "track 1 finished" in out.stdout
+
+
+def test_the_worse_adamw_stays_dropped_at_every_longer_length(tmp_path):
+    class Study(_FakeStudy):
+        def train(self, setting, optimizer, lr, seed, **kw):
+            loss = super().train(setting, optimizer, lr, seed, **kw)["final_val_loss"]
+            return {"final_val_loss": loss + (0.5 if optimizer == "adamw-b95" else 0.0)}
+
+    study = Study(tmp_path, progress=False)
+    h = ev.Horizon("horizon-x", "gpt", "quick", (10, 30, 90), ("came", "adamw", "adamw-b95"))
+    results = ev.run_horizon(study, h, max_bytes=1000)
+    assert set(results) == {
+        (10, "came"), (10, "adamw"), (10, "adamw-b95"),
+        (30, "came"), (30, "adamw"),
+        (90, "came"), (90, "adamw"),
+    }
