@@ -1189,7 +1189,12 @@ EXPERIMENTS = (
 
 
 def run_experiment(
-    what: str, study: Study, *, quick: bool = False, max_steps: int | None = None
+    what: str,
+    study: Study,
+    *,
+    quick: bool = False,
+    max_steps: int | None = None,
+    without: Sequence[str] = (),
 ) -> None:
     max_bytes = 300_000 if quick else 8_000_000
     if what in HORIZONS:
@@ -1198,6 +1203,13 @@ def run_experiment(
             h = replace(h, **QUICK_HORIZON, batch_size=4)
         if max_steps is not None:
             h = replace(h, lengths=tuple(n for n in h.lengths if n <= max_steps))
+        unknown = sorted(set(without) - set(h.optimizers))
+        if unknown:
+            raise ValueError(
+                f"--without {','.join(unknown)}: not an optimizer of {what} "
+                f"({', '.join(h.optimizers)})"
+            )
+        h = replace(h, optimizers=tuple(o for o in h.optimizers if o not in without))
         run_horizon(study, h, max_bytes=max_bytes)
     elif what == "large-bert":
         run_large(study, quick=quick, max_bytes=max_bytes)
@@ -1226,7 +1238,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="horizon experiments: only the lengths up to this (the longer ones later)",
     )
+    parser.add_argument(
+        "--without",
+        default="",
+        metavar="OPT[,OPT]",
+        help="horizon experiments: leave these optimizers for later (e.g. came-bc)",
+    )
     args = parser.parse_args(argv)
+    without = tuple(o for o in args.without.split(",") if o)
+    if without and args.what not in HORIZONS:
+        parser.error(f"--without applies to the horizon experiments ({', '.join(HORIZONS)})")
     root = Path(args.results) if args.results else RESULTS
     if args.quick and args.results is None:
         root = RESULTS / "quick"
@@ -1249,7 +1270,7 @@ def main(argv: list[str] | None = None) -> int:
         todo = EXPERIMENTS if args.what == "all" else (args.what,)
         for what in todo:
             t0 = time.perf_counter()
-            run_experiment(what, study, quick=args.quick, max_steps=args.max_steps)
+            run_experiment(what, study, quick=args.quick, max_steps=args.max_steps, without=without)
             _log(f"{what}: done in {time.perf_counter() - t0:.0f} s ({study.trained} trained)")
             write_claims(root)
     claims = write_claims(root)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The evidence study as single-threaded tracks: the cheapest verdict-bearing stages first
-# (short lengths, the toy search, the fine-tune), then the long ones. Every stage resumes from
+# (short lengths, the toy search, the fine-tune), then the long ones, with came-bc ("where
+# budget allows") at the longest lengths last. Every stage resumes from
 # the cached runs, so rerunning this script continues where it stopped.
 #   nohup bash benchmarks/evidence_queue.sh >> benchmarks/results/evidence/queue.log 2>&1 &
 # On a machine with a second free core, a second track works through the same stages in
@@ -25,16 +26,20 @@ case "$track" in
       "horizon-gpt --max-steps 1000"
       "size-gpt --max-steps 300"
       "horizon-bert --max-steps 1000"
+      "horizon-gpt --without came-bc"
+      "horizon-bert --without came-bc"
+      "size-gpt"
+      "large-bert"
       "horizon-gpt"
       "horizon-bert"
-      "large-bert"
-      "size-gpt"
     )
     ;;
   2)
     stages=(
       "large-bert"
       "size-gpt"
+      "horizon-bert --without came-bc"
+      "horizon-gpt --without came-bc"
       "horizon-bert"
       "horizon-gpt"
       "finetune-llama"

@@ -422,3 +422,23 @@ def test_the_worse_adamw_stays_dropped_at_every_longer_length(tmp_path):
         (30, "came"), (30, "adamw"),
         (90, "came"), (90, "adamw"),
     }
+
+
+def test_without_leaves_optimizers_for_later(tmp_path, monkeypatch):
+    """--without came-bc: a horizon sweeps the others; naming an optimizer the horizon does not
+    have, or using it on another experiment, is an error before anything runs."""
+    seen = []
+
+    def fake_horizon(study, h, *, max_bytes):
+        seen.append(h.optimizers)
+        return {}
+
+    monkeypatch.setattr(ev, "run_horizon", fake_horizon)
+    study = _FakeStudy(tmp_path, progress=False)
+    ev.run_experiment("horizon-gpt", study, without=("came-bc",))
+    assert seen == [tuple(o for o in ev.HORIZONS["horizon-gpt"].optimizers if o != "came-bc")]
+    with pytest.raises(ValueError, match="lamb"):
+        ev.run_experiment("horizon-gpt", study, without=("lamb",))
+    with pytest.raises(SystemExit):
+        ev.main(["large-bert", "--without", "came", "--results", str(tmp_path)])
+    assert len(seen) == 1 and study.trained == 0
