@@ -415,6 +415,9 @@ class Study:
         weights = self.root / "cache" / (path.stem + ".pt")
         if path.exists() and weights.exists():
             return path.stem, torch.load(weights, weights_only=True)
+        # a committed record whose weights are not here (a fresh clone): rebuild the weights,
+        # keep the record (the runs tuned from it were cached against it)
+        recorded = json.loads(path.read_text()) if path.exists() else None
         _log(f"{setting.experiment} {setting.slug}: pretraining, {optimizer} lr={lr:g}")
         run = run_one(
             cfg,
@@ -430,7 +433,20 @@ class Study:
         state = {k: v.detach().clone() for k, v in run.pop("model").state_dict().items()}
         weights.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, weights)
-        _write_atomic(path, self._record(setting, cfg, run))
+        record = self._record(setting, cfg, run)
+        record["weights_sha1"] = state_digest(state)
+        if recorded is None:
+            _write_atomic(path, record)
+        elif recorded["final_val_loss"] != record["final_val_loss"] or recorded.get(
+            "weights_sha1", record["weights_sha1"]  # records before the digest: loss only
+        ) != record["weights_sha1"]:
+            # same seed, same code: CPU kernels differ between machines in the last bits
+            _log(
+                f"{setting.experiment} {setting.slug}: the rebuilt weights differ from the "
+                f"recorded run (val loss {record['final_val_loss']:.5f} here, "
+                f"{recorded['final_val_loss']:.5f} recorded); the record is kept, runs "
+                f"tuned from these weights and not yet cached start from the rebuilt ones"
+            )
         return path.stem, state
 
     def _record(self, setting: Setting, cfg, run: dict[str, Any]) -> dict[str, Any]:
@@ -544,6 +560,18 @@ def claim(path: Path) -> Iterator[bool]:
             path.unlink(missing_ok=True)
         return
     raise RuntimeError(f"could not claim {path}: it keeps changing")
+
+
+def state_digest(state: dict) -> str:
+    """SHA-1 of a state dict's names, dtypes, shapes and bytes (in name order)."""
+    import torch
+
+    h = hashlib.sha1()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(state[name].shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _write_atomic(path: Path, obj: Any) -> None:

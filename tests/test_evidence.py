@@ -442,3 +442,75 @@ def test_without_leaves_optimizers_for_later(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         ev.main(["large-bert", "--without", "came", "--results", str(tmp_path)])
     assert len(seen) == 1 and study.trained == 0
+
+
+def test_pretrained_weights_rebuilt_on_a_fresh_clone_keep_the_committed_record(
+    tmp_path, monkeypatch, capsys
+):
+    """The checkpoint is not committed; rebuilding it must not rewrite the record the cached
+    fine-tune runs were tuned against, and a difference is reported, not hidden."""
+    import torch
+
+    import torchcame.recipes.train as train
+
+    machine = {"bias": 0.0}  # stands for the last bits CPU kernels differ by between machines
+
+    def fake_run_one(cfg, corpus, optimizer, seed, **kw):
+        model = torch.nn.Linear(3, 2)
+        with torch.no_grad():
+            model.weight.fill_(0.5 + machine["bias"])
+            model.bias.fill_(0.25)
+        loss = 1.5 + machine["bias"]
+        history = {"tokens": [1, 2], "train_loss": [2.0, loss], "eval_tokens": [2],
+                   "val_loss": [loss]}
+        return {"model": model, "history": history, "params": 8, "optimizer": optimizer,
+                "hyper": {"lr": kw["lr"]}, "seed": seed, "final_val_loss": loss,
+                "final_train_loss": loss, "diverged": False, "wall_seconds": 1.0}
+
+    monkeypatch.setattr(train, "run_one", fake_run_one)
+    monkeypatch.setattr(ev.Study, "corpus", lambda self, *a: None)
+    monkeypatch.setattr(ev.Study, "eval_sets", lambda self, *a: (None, None))
+    pre = ev.Setting("finetune-x-pretrain", "llama", "quick", 8, 4, max_bytes=1000)
+
+    study = ev.Study(tmp_path, progress=False)
+    ident, state = study.pretrained(pre, "adamw", 2e-3)
+    record_path = next((tmp_path / "runs").rglob("*.json"))
+    first = json.loads(record_path.read_text())
+    assert first["final_val_loss"] == 1.5
+    assert first["weights_sha1"] == ev.state_digest(state)
+    assert study.pretrained(pre, "adamw", 2e-3)[0] == ident and study.trained == 1  # cached
+
+    # a fresh clone on another machine: the record is committed, the weights are not
+    for weights in (tmp_path / "cache").glob("*.pt"):
+        weights.unlink()
+    machine["bias"] = 1e-6
+    capsys.readouterr()
+    again = ev.Study(tmp_path, progress=False)
+    ident2, state2 = again.pretrained(pre, "adamw", 2e-3)
+    assert ident2 == ident and again.trained == 1
+    assert torch.equal(state2["weight"], torch.full((2, 3), 0.5 + 1e-6))
+    assert json.loads(record_path.read_text()) == first  # the record is kept
+    out = capsys.readouterr().out
+    assert "differ from the recorded run" in out and "1.50000 recorded" in out
+
+    # rebuilt identically: nothing to report
+    for weights in (tmp_path / "cache").glob("*.pt"):
+        weights.unlink()
+    machine["bias"] = 0.0
+    ev.Study(tmp_path, progress=False).pretrained(pre, "adamw", 2e-3)
+    assert "differ" not in capsys.readouterr().out
+    assert json.loads(record_path.read_text()) == first
+
+
+def test_state_digest_sees_values_dtypes_and_names():
+    import torch
+
+    a = {"w": torch.zeros(2, 2), "b": torch.ones(2)}
+    assert ev.state_digest(a) == ev.state_digest({"b": torch.ones(2), "w": torch.zeros(2, 2)})
+    assert ev.state_digest(a) != ev.state_digest({"w": torch.zeros(2, 2), "b2": torch.ones(2)})
+    assert ev.state_digest(a) != ev.state_digest({"w": torch.zeros(4), "b": torch.ones(2)})
+    double = {"w": torch.zeros(2, 2).double(), "b": torch.ones(2)}
+    assert ev.state_digest(a) != ev.state_digest(double)
+    b = {"w": torch.zeros(2, 2), "b": torch.ones(2)}
+    b["w"][1, 1] = 1e-30
+    assert ev.state_digest(a) != ev.state_digest(b)
